@@ -1,0 +1,1 @@
+"""ats-jax: Adaptive Token Sampling (Fayyaz et al., ECCV 2022) for Flax vision transformers."""

@@ -1,0 +1,1 @@
+"""`python -m convert INPUT OUTPUT_DIR`: PyTorch DeiT/timm checkpoints -> ats-jax checkpoints."""

@@ -1,0 +1,81 @@
+"""Entry point: `python main.py --config=configs/deit_s.py [--config.field=value ...]`."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from ats_jax import flops, zoo
+from ats_jax.models import CheckpointError, create_model, get_spec
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Path to a config file.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.')
+MODES = ('describe',)
+
+
+def describe(config: ml_collections.ConfigDict) -> None:
+  """Prints the zoo, then builds the configured model and times one jitted forward pass."""
+  print(zoo.zoo_table(), end='\n\n')
+  model = create_model(
+    config.model,
+    checkpoint=config.checkpoint or None,
+    seed=config.seed,
+    dtype=jnp.dtype(config.dtype),
+  )
+  model.eval()
+  spec = get_spec(config.model)
+  images = jax.random.normal(
+    jax.random.key(config.seed), (config.batch_size, spec.img_size, spec.img_size, 3)
+  )
+  forward = nnx.jit(lambda m, x: m(x))
+  start = time.perf_counter()
+  logits = forward(model, images).block_until_ready()
+  compiled = time.perf_counter() - start
+  start = time.perf_counter()
+  forward(model, images).block_until_ready()
+  step = time.perf_counter() - start
+  top = np.asarray(jnp.argmax(logits, -1))
+  print(
+    f'{config.model} ({"weights: " + config.checkpoint if config.checkpoint else "random init"},'
+    f' {config.dtype}) on {jax.devices()[0].platform}: {flops.dense_gflops(spec):.2f} GFLOPs/image;'
+    f' compile+run {compiled:.1f}s, then {config.batch_size / step:.1f} images/s;'
+    f' top-1 class of each image {top.tolist()}'
+  )
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  if config.mode not in MODES:
+    sys.exit(f'error: config.mode={config.mode!r} is not one of {MODES}')
+  try:
+    describe(config)
+  except (CheckpointError, ValueError) as e:
+    sys.exit(f'error: {e}')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a bad flag or config override reported in one line, not a traceback."""
+  try:
+    argv = flags.FLAGS(argv)
+    _ = _CONFIG.value.mode  # config_flags defers a config file's load error to the first access
+    return argv
+  except (AttributeError, KeyError) as e:  # ml_collections' word for a field that does not exist
+    sys.exit(f'error: a --config.* override names no config field: {e}')
+  except (flags.Error, OSError, TypeError, ValueError) as e:
+    sys.exit(f'error: {" ".join(str(e).split())}')
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main, flags_parser=parse_flags)
