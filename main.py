@@ -14,7 +14,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from ats_jax import flops, zoo
-from ats_jax.models import CheckpointError, create_model, get_spec
+from ats_jax.models import CheckpointError, create_model
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file.', lock_config=True
@@ -31,25 +31,28 @@ def describe(config: ml_collections.ConfigDict) -> None:
     checkpoint=config.checkpoint or None,
     seed=config.seed,
     dtype=jnp.dtype(config.dtype),
+    ats_blocks=tuple(config.ats_blocks),
+    num_tokens=tuple(config.num_tokens),
   )
   model.eval()
-  spec = get_spec(config.model)
-  images = jax.random.normal(
-    jax.random.key(config.seed), (config.batch_size, spec.img_size, spec.img_size, 3)
-  )
-  forward = nnx.jit(lambda m, x: m(x))
+  size = model.img_size
+  images = jax.random.normal(jax.random.key(config.seed), (config.batch_size, size, size, 3))
+  forward = nnx.jit(lambda m, x: m(x, return_stats=True))
   start = time.perf_counter()
-  logits = forward(model, images).block_until_ready()
+  logits, stats = jax.block_until_ready(forward(model, images))
   compiled = time.perf_counter() - start
   start = time.perf_counter()
-  forward(model, images).block_until_ready()
+  jax.block_until_ready(forward(model, images))
   step = time.perf_counter() - start
-  top = np.asarray(jnp.argmax(logits, -1))
+  kept = np.asarray(stats['kept_tokens']).mean(0)
   print(
     f'{config.model} ({"weights: " + config.checkpoint if config.checkpoint else "random init"},'
-    f' {config.dtype}) on {jax.devices()[0].platform}: {flops.dense_gflops(spec):.2f} GFLOPs/image;'
-    f' compile+run {compiled:.1f}s, then {config.batch_size / step:.1f} images/s;'
-    f' top-1 class of each image {top.tolist()}'
+    f' {config.dtype}, ATS blocks {list(config.ats_blocks)}) on {jax.devices()[0].platform}\n'
+    f'  mean kept tokens per block: {" ".join(f"{k:.1f}" for k in kept)}\n'
+    f'  GFLOPs/image: {float(np.mean(stats["gflops"])):.2f}'
+    f' (dense {flops.dense_gflops(model.spec):.2f})\n'
+    f'  compile+run {compiled:.1f}s, then {config.batch_size / step:.1f} images/s\n'
+    f'  top-1 class of each image {np.asarray(jnp.argmax(logits, -1)).tolist()}'
   )
 
 

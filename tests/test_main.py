@@ -42,7 +42,7 @@ def test_describe_runs_a_converted_model_and_predicts_as_timm(tmp_path, capsys):
     f'| {name} |' in proc.stdout
     for name in ('deit_tiny_patch16_224', 'deit_base_distilled_patch16_224')
   )
-  assert '1.25 GFLOPs/image' in proc.stdout
+  assert 'GFLOPs/image: 1.25 (dense 1.25)' in proc.stdout
   printed = ast.literal_eval(proc.stdout.split('top-1 class of each image ')[1].strip())
   images = np.asarray(jax.random.normal(jax.random.key(7), (3, 224, 224, 3)))
   assert printed == timm_logits(reference, images).argmax(-1).tolist()

@@ -96,3 +96,20 @@ def test_bfloat16_computation_keeps_float32_params(tmp_path, images):
   # bfloat16 keeps ~3 significant digits: close, and the same predicted classes.
   np.testing.assert_allclose(got, expected, atol=0.15 * np.abs(expected).max())
   assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_converted_checkpoint_loads_unchanged_into_an_ats_model(tmp_path, images):
+  """ATS adds no parameters: the dense checkpoint loads into it as it is."""
+  reference = random_timm_model('deit_small_patch16_224', seed=5)
+  src = save(reference, tmp_path / 'src', 'deit_pth')
+  out = tmp_path / 'converted'
+  assert convert_cli.main([src, str(out)]) == 0
+  x = images(batch=2)
+  model = create_model('deit_small_patch16_224', checkpoint=out, ats_blocks=range(3, 12))
+  model.eval()
+  logits, stats = nnx.jit(lambda m, x: m(x, return_stats=True))(model, jnp.asarray(x))
+  kept = np.asarray(stats['kept_tokens'])
+  assert (kept[:, :3] == 197).all() and (kept[:, 3:] < 197).all()
+  assert (np.diff(kept, axis=1) <= 0).all()
+  assert (np.asarray(stats['gflops']) < 4.6).all()
+  assert logits.shape == (2, 1000)

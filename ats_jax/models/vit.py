@@ -6,10 +6,15 @@ Every parameter path maps one-to-one onto a timm state-dict key (`blocks.3.attn.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ats_jax import flops
+from ats_jax.models import ats
+from ats_jax.models.registry import ViTSpec
 from ats_jax.ops import attention as attention_ops
 
 LAYER_NORM_EPS = 1e-6  # timm's ViT LayerNorm, not PyTorch's 1e-5 default.
@@ -85,26 +90,36 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+  With `sampling` set it is an ATS block (`ats_jax.models.ats`): same parameters, fewer tokens out.
+  """
 
   def __init__(
-    self, dim: int, num_heads: int, mlp_ratio: float, *, dtype: jnp.dtype, rngs: nnx.Rngs
+    self,
+    dim: int,
+    num_heads: int,
+    mlp_ratio: float,
+    *,
+    sampling: ats.Sampling | None = None,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
   ):
+    self.sampling = sampling
     self.norm1 = _layer_norm(dim, dtype, rngs)
     self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
     self.norm2 = _layer_norm(dim, dtype, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    x = x + self.attn(self.norm1(x), mask)
-    x = _apply_mask(x, mask)
-    x = x + self.mlp(self.norm2(x))
-    return _apply_mask(x, mask)
-
-
-def _apply_mask(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Zeroes padded token rows; a no-op before the first token mask exists."""
-  return x if mask is None else x * mask[..., None].astype(x.dtype)
+  def __call__(
+    self, x: jax.Array, mask: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array | None]:
+    """x [B, N, C] and its token mask [B, N] (None: every token real) -> the same, updated."""
+    if self.sampling is not None:
+      return ats.ats_block(self, x, mask, self.sampling)
+    x = attention_ops.apply_mask(x + self.attn(self.norm1(x), mask), mask)
+    x = attention_ops.apply_mask(x + self.mlp(self.norm2(x)), mask)
+    return x, mask
 
 
 class VisionTransformer(nnx.Module):
@@ -121,6 +136,8 @@ class VisionTransformer(nnx.Module):
     mlp_ratio: float = 4.0,
     num_classes: int = 1000,
     distilled: bool = False,
+    ats_blocks: Sequence[int] = (),
+    num_tokens: float | Sequence[float] = 197,
     dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -128,7 +145,13 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f'img_size {img_size} is not a multiple of patch_size {patch_size}')
     self.img_size = img_size
     self.num_prefix_tokens = 2 if distilled else 1
+    self.spec = ViTSpec(
+      embed_dim, depth, num_heads, img_size, patch_size, mlp_ratio, num_classes, distilled
+    )
     num_patches = (img_size // patch_size) ** 2
+    plan = ats.sampling_plan(
+      depth, num_patches + self.num_prefix_tokens, self.num_prefix_tokens, ats_blocks, num_tokens
+    )
     self.dtype = dtype
     self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype=dtype, rngs=rngs)
     tok_init = nnx.initializers.truncated_normal(0.02)
@@ -138,7 +161,7 @@ class VisionTransformer(nnx.Module):
       tok_init(rngs.params(), (1, num_patches + self.num_prefix_tokens, embed_dim))
     )
     self.blocks = nnx.List(
-      [Block(embed_dim, num_heads, mlp_ratio, dtype=dtype, rngs=rngs) for _ in range(depth)]
+      [Block(embed_dim, num_heads, mlp_ratio, sampling=s, dtype=dtype, rngs=rngs) for s in plan]
     )
     self.norm = _layer_norm(embed_dim, dtype, rngs)
     self.head = _linear(embed_dim, num_classes, dtype, rngs)
@@ -165,11 +188,31 @@ class VisionTransformer(nnx.Module):
       logits = (logits + self.head_dist(x[:, 1])) / 2
     return logits.astype(jnp.float32)
 
-  def __call__(self, images: jax.Array) -> jax.Array:
-    x = self.embed(images.astype(self.dtype))
+  def __call__(
+    self, images: jax.Array, return_stats: bool = False
+  ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits [B, classes] for NHWC images; with `return_stats` also the tokens each image kept.
+
+    stats['kept_tokens'] [B, depth] int: real tokens entering each block's MLP (prefix included).
+    stats['gflops'] [B]: the image's cost at the tokens it kept (`ats_jax.flops`).
+    """
+    x = self.embed(images.astype(self.dtype))  # [B, N0, C]
+    mask = None
+    kept = []
     for block in self.blocks:
-      x = block(x)
-    return self.head_logits(x)
+      x, mask = block(x, mask)  # ATS blocks shrink x to their cap; `mask` marks the real tokens
+      kept.append(jnp.full(x.shape[0], x.shape[1]) if mask is None else mask.sum(-1))
+    logits = self.head_logits(x)
+    if not return_stats:
+      return logits
+    kept_tokens = jnp.stack(kept, axis=1).astype(jnp.int32)  # [B, depth]
+    entering = jnp.concatenate(
+      [jnp.full_like(kept_tokens[:, :1], self.pos_embed.shape[1]), kept_tokens[:, :-1]], axis=1
+    )
+    return logits, {
+      'kept_tokens': kept_tokens,
+      'gflops': flops.gflops(self.spec, entering, kept_tokens),
+    }
 
 
 def abstract_model(**kwargs) -> VisionTransformer:

@@ -14,7 +14,10 @@ SOFTMAX_EPS = 1e-6
 
 
 def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-  """Softmax(q k^T / sqrt(d)) per head: q, k [B, N, H, d], mask [B, N] -> [B, H, N, N] float32."""
+  """Softmax(q k^T / sqrt(d)) per head: q, k [B, N, H, d], mask [B, N] -> [B, H, N, N] float32.
+
+  With `mask` (even all ones) the reference's masked softmax, else the plain one.
+  """
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum('bqhd,bkhd->bhqk', q * scale, k).astype(jnp.float32)  # [B, H, N, N]
   if mask is None:
@@ -35,3 +38,8 @@ def attend(weights: jax.Array, v: jax.Array) -> jax.Array:
   """Weighted values: weights [B, H, Q, N] and v [B, N, H, d] -> [B, Q, H*d] in v's dtype."""
   out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
   return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def apply_mask(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Zeroes padded token rows x [B, N, C] where mask [B, N] is 0; a no-op without a mask."""
+  return x if mask is None else x * mask[..., None].astype(x.dtype)

@@ -1,0 +1,74 @@
+"""An independent NumPy (float64) implementation of `../shared/ATS_SPEC.md`, one image at a time.
+
+Written from the spec's prose with plain loops and Python sets, sharing nothing with `ats_jax`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-6
+
+
+def layer_norm(x, scale, bias):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + 1e-6) * scale + bias
+
+
+def gelu(x):
+  from scipy.special import erf
+
+  return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+def masked_softmax(logits, m):
+  """Spec 'Masked attention' step 3: logits [H, N, N], m [N]."""
+  n = logits.shape[-1]
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  visible = m[None, :] + (1 - m[None, :]) * np.eye(n)
+  e = e * visible
+  return (e + EPS / n) / (e.sum(-1, keepdims=True) + EPS)
+
+
+def sample(scores, real, grid_size, max_kept):
+  """Steps 2-6 for one image: image-token scores [M], real [M] bool -> kept image-token indices."""
+  real_idx = [j for j in range(len(scores)) if real[j]]
+  order = sorted(range(len(real_idx)), key=lambda i: scores[real_idx[i]])  # stable ascending
+  sorted_scores = np.array([scores[real_idx[i]] for i in order])
+  c = np.cumsum(sorted_scores)
+  c = (c - c.min()) / (c.max() - c.min())
+  y0 = min(v for v in c if v > 0)
+  picks = set()
+  for k in range(grid_size):
+    y = y0 + k * (1 - y0) / (grid_size - 1)
+    picks.add(int(np.argmin(np.abs(y - c))))
+  kept = sorted(picks)[-max_kept:]  # ascending score; the highest when the cap binds
+  return [real_idx[order[i]] for i in kept]
+
+
+def ats_block(p, x, m, num_heads, cap, num_prefix, grid_size):
+  """One ATS block for one image. p: dict of float64 params by timm-like dotted names.
+
+  x [N, C], m [N] -> x [cap, C], mask [cap], kept token indices (into the N input tokens).
+  """
+  n, c = x.shape
+  d = c // num_heads
+  h = layer_norm(x, p['norm1.scale'], p['norm1.bias'])
+  qkv = (h @ p['attn.qkv.kernel'] + p['attn.qkv.bias']).reshape(n, 3, num_heads, d)
+  q, k, v = (qkv[:, i] * m[:, None, None] for i in range(3))
+  attn = masked_softmax(np.einsum('qhd,khd->hqk', q, k) * d**-0.5, m)  # [H, N, N]
+  v_norm = np.linalg.norm(v.reshape(n, c), axis=-1)
+  scores = attn[:, 0, :].sum(0) * v_norm
+  scores = scores[num_prefix:] / scores[num_prefix:].sum()
+  picked = sample(scores, m[num_prefix:] > 0, grid_size, cap - num_prefix)
+  rows = list(range(num_prefix)) + [num_prefix + j for j in picked]
+  out = np.einsum('hqk,khd->qhd', attn[:, rows], v).reshape(len(rows), c)
+  y = x[rows] + out @ p['attn.proj.kernel'] + p['attn.proj.bias']
+  hidden = gelu(
+    layer_norm(y, p['norm2.scale'], p['norm2.bias']) @ p['mlp.fc1.kernel'] + p['mlp.fc1.bias']
+  )
+  y = y + hidden @ p['mlp.fc2.kernel'] + p['mlp.fc2.bias']
+  x_out, mask = np.zeros((cap, c)), np.zeros(cap)
+  x_out[: len(rows)], mask[: len(rows)] = y, 1
+  return x_out, mask, rows

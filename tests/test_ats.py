@@ -1,0 +1,273 @@
+"""The ATS layer against an independent NumPy implementation of the spec, and its properties."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ats_jax.models import create_model
+from ats_jax.models import vit as vit_lib
+from ats_jax.models.ats import Sampling, sampling_plan, token_cap
+from ats_jax.ops import token_sampling
+from tests import ats_reference
+
+# A small DeiT-like model that runs in seconds on a CPU: 32px, patch 8 -> 16 patches + cls.
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+
+
+def block_params(block: vit_lib.Block, scale_qk: float = 1.0) -> dict[str, np.ndarray]:
+  """The block's params as float64 NumPy; `scale_qk` sharpens attention (peaked scores)."""
+  params = {k: np.asarray(v[...], np.float64) for k, v in vit_lib.param_dict(block).items()}
+  dim = params['norm1.scale'].shape[0]
+  params['attn.qkv.kernel'][:, : 2 * dim] *= scale_qk
+  return params
+
+
+def perturbed_block(dim: int, heads: int, seed: int, scale_qk: float, sampling: Sampling):
+  """A block with random weights (LayerNorm too) set from `block_params`' float64 values."""
+  block = vit_lib.Block(dim, heads, 4.0, sampling=sampling, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  for name, param in vit_lib.param_dict(block).items():
+    noise = 0.3 if name.endswith(('scale', 'bias')) else 0.0
+    param[...] = param[...] + noise * rng.standard_normal(param.shape).astype(np.float32)
+  params = block_params(block, scale_qk)
+  for name, param in vit_lib.param_dict(block).items():
+    param[...] = jnp.asarray(params[name], jnp.float32)
+  return block, params
+
+
+@pytest.mark.parametrize('scale_qk', [1.0, 6.0], ids=['random', 'peaked'])
+@pytest.mark.parametrize('num_prefix', [1, 2], ids=['cls', 'cls+dist'])
+@pytest.mark.parametrize('cap', [65, 24], ids=['cap_not_binding', 'cap_binding'])
+def test_ats_block_equals_numpy_reference(scale_qk, num_prefix, cap):
+  n, dim, heads, grid = 64 + num_prefix, 48, 3, 64
+  sampling = Sampling(cap=min(cap, n), num_prefix_tokens=num_prefix, grid_size=grid)
+  block, params = perturbed_block(dim, heads, seed=1, scale_qk=scale_qk, sampling=sampling)
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((4, n, dim)).astype(np.float32)
+  mask = np.ones((4, n), np.float32)
+  mask[1, -5:] = 0  # images 1 and 3 arrive with padded slots, as after an earlier ATS block
+  mask[3, 40:] = 0
+  x *= mask[..., None]
+
+  got_x, got_mask = jax.jit(lambda x, m: block(x, m))(x, mask)
+  for i in range(4):
+    ref_x, ref_mask, _ = ats_reference.ats_block(
+      params, x[i].astype(np.float64), mask[i].astype(np.float64), heads, sampling.cap,
+      num_prefix, grid,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(got_mask[i]), ref_mask)
+    # each output row carries its input token's residual, so equal rows mean equal kept tokens
+    np.testing.assert_allclose(np.asarray(got_x[i]), ref_x, atol=2e-5, rtol=1e-5)
+  if scale_qk > 1:  # peaked attention concentrates the scores: fewer distinct picks
+    assert np.asarray(got_mask).sum(-1).min() < n - 10
+
+
+_sample_tokens = jax.jit(token_sampling.sample_tokens, static_argnums=(2, 3))
+
+
+def sampled(scores, real=None, grid=None, max_kept=None):
+  scores = np.asarray(scores, np.float32)[None]
+  real = np.ones_like(scores, bool) if real is None else np.asarray(real)[None]
+  m = scores.shape[-1]
+  idx, valid = _sample_tokens(jnp.asarray(scores), jnp.asarray(real), grid or m, max_kept or m)
+  return np.asarray(idx[0])[np.asarray(valid[0])].tolist()
+
+
+@pytest.mark.parametrize('kind', ['random', 'peaked'])
+def test_sampling_equals_numpy_reference(kind):
+  rng = np.random.default_rng(0)
+  m = 196  # one shape, so one compilation; the real token count varies through `real`
+  for trial in range(50):
+    logits = rng.standard_normal(m) * (8.0 if kind == 'peaked' else 1.0)
+    scores = np.exp(logits - logits.max())
+    scores /= scores.sum()
+    real = rng.random(m) < rng.uniform(0.05, 1.0)
+    real[:2] = True
+    grid, max_kept = 196, int(rng.choice([5, 40, 196]))  # binding, sometimes binding, never
+    masked = np.where(real, scores, 0.0)
+    masked /= masked.sum()
+    expected = ats_reference.sample(masked.astype(np.float32), real, grid, max_kept)
+    assert sampled(masked, real, grid, max_kept) == expected, trial
+
+
+def test_uniform_scores_with_a_cap_that_does_not_bind_keep_all_but_the_lowest_ranked():
+  # spec step 5: the lowest-ranked token (c = 0) is never picked; of tied scores the first is lowest
+  assert sampled(np.full(196, 1 / 196)) == list(range(1, 196))
+
+
+def test_all_mass_on_one_token_keeps_that_token():
+  scores = np.zeros(50)
+  scores[17] = 1.0
+  assert sampled(scores) == [17]
+
+
+def test_token_caps():
+  assert token_cap(197, 197) == 197
+  assert token_cap(0.5, 197) == 98  # ratio of N, rounded
+  assert token_cap(2, 197) == 8  # never fewer than 8
+  assert token_cap(300, 150) == 150  # never more than N
+  plan = sampling_plan(12, 197, 1, ats_blocks=[3, 7], num_tokens=[0.5, 64])
+  assert [s.cap if s else None for s in plan] == [None] * 3 + [98] + [None] * 3 + [64] + [None] * 4
+  assert {s.grid_size for s in plan if s} == {196}
+  broadcast = sampling_plan(12, 197, 1, ats_blocks=[3, 4], num_tokens=[0.5])
+  assert [s.cap for s in broadcast if s] == [98, 49]  # each cap is a ratio of the tokens entering
+  with pytest.raises(ValueError, match='must be distinct block indices in'):
+    sampling_plan(12, 197, 1, ats_blocks=[12], num_tokens=197)
+  with pytest.raises(ValueError, match='one per ATS block'):
+    sampling_plan(12, 197, 1, ats_blocks=[3, 4], num_tokens=[100, 50, 20])
+
+
+def tiny(**overrides):
+  model = vit_lib.VisionTransformer(**TINY | overrides, rngs=nnx.Rngs(0))
+  model.eval()
+  return model
+
+
+def perturb(model: nnx.Module, seed: int = 0, scale: float = 0.3) -> None:
+  """Random LayerNorm/bias values and larger weights, so attention is not near-uniform."""
+  rng = np.random.default_rng(seed)
+  for param in vit_lib.param_dict(model).values():
+    param[...] = param[...] + scale * rng.standard_normal(param.shape).astype(np.float32)
+
+
+@pytest.fixture
+def tiny_images():
+  return jnp.asarray(np.random.default_rng(0).standard_normal((6, 32, 32, 3)), jnp.float32)
+
+
+def test_no_ats_blocks_is_the_dense_model_bit_for_bit(tiny_images):
+  dense, ats = tiny(), tiny(ats_blocks=(), num_tokens=0.25)
+  perturb(dense)
+  perturb(ats)
+  forward = nnx.jit(lambda m, x: m(x, return_stats=True))
+  (a, stats), (b, _) = forward(dense, tiny_images), forward(ats, tiny_images)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(stats['kept_tokens']), 17)
+
+
+def test_ats_model_has_the_dense_parameter_tree_and_loads_its_checkpoint(tmp_path):
+  dense, ats = tiny(), tiny(ats_blocks=(1, 2, 3), num_tokens=[12, 0.8, 9])
+  assert {k: v.shape for k, v in vit_lib.param_dict(dense).items()} == {
+    k: v.shape for k, v in vit_lib.param_dict(ats).items()
+  }
+
+
+def run_ats(model, images):
+  return nnx.jit(lambda m, x: m(x, return_stats=True))(model, images)
+
+
+def test_batch_independence(tiny_images):
+  model = tiny(ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10))
+  perturb(model)
+  logits, stats = run_ats(model, tiny_images)
+  assert len(set(map(tuple, np.asarray(stats['kept_tokens']).tolist()))) > 1  # images differ
+  for i in range(tiny_images.shape[0]):
+    one_logits, one_stats = run_ats(model, tiny_images[i : i + 1])
+    np.testing.assert_array_equal(one_stats['kept_tokens'][0], stats['kept_tokens'][i])
+    np.testing.assert_allclose(one_logits[0], logits[i], rtol=1e-4, atol=1e-5)  # float32 noise
+
+
+def test_padded_positions_do_not_influence_any_logit(tiny_images):
+  """Garbage in the padded slots after an ATS block changes no logit of the rest of the network."""
+  model = tiny(ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10))
+  perturb(model)
+
+  @nnx.jit
+  def tail_logits(model, images, garbage):
+    x, mask = model.blocks[0](model.embed(images))
+    x, mask = model.blocks[1](x, mask)
+    x = x + garbage * (1 - mask)[..., None]  # fill only the padded slots
+    for block in model.blocks[2:]:
+      x, mask = block(x, mask)
+    return model.head_logits(x), mask
+
+  zeros = jnp.zeros((6, 15, 48))
+  garbage = 100 * jax.random.normal(jax.random.key(1), zeros.shape)
+  clean, mask = tail_logits(model, tiny_images, zeros)
+  dirty, _ = tail_logits(model, tiny_images, garbage)
+  assert (np.asarray(mask) == 0).any()  # there are padded slots to fill
+  np.testing.assert_array_equal(np.asarray(clean), np.asarray(dirty))
+
+
+def test_jit_compiles_once_for_different_batches():
+  model = tiny(ats_blocks=(1, 2), num_tokens=0.7)
+  perturb(model)
+  traces = []
+
+  @nnx.jit
+  def forward(model, images):
+    traces.append(1)
+    return model(images, return_stats=True)
+
+  kept = set()
+  for seed in range(4):
+    images = jax.random.normal(jax.random.key(seed), (6, 32, 32, 3))
+    kept.add(tuple(np.asarray(forward(model, images)[1]['kept_tokens']).ravel()))
+  assert len(traces) == 1 and len(kept) == 4
+
+
+def test_gradients_are_finite_and_reach_every_block(tiny_images):
+  model = tiny(ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10))
+  perturb(model)
+  model.train()
+  labels = jnp.arange(6) % 10
+
+  def loss_fn(model):
+    logits = model(tiny_images)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
+
+  grads = nnx.jit(nnx.grad(loss_fn))(model)
+  flat = vit_lib.param_dict(grads)
+  assert all(np.isfinite(np.asarray(g[...])).all() for g in flat.values())
+  for i in range(4):  # gradients flow through the attention of the kept tokens in ATS blocks
+    for name in ('attn.qkv.kernel', 'attn.proj.kernel', 'mlp.fc1.kernel'):
+      assert np.abs(np.asarray(flat[f'blocks.{i}.{name}'][...])).max() > 0, (i, name)
+
+
+def test_bfloat16_keeps_the_float32_predictions(tiny_images):
+  """bf16 compute, f32 sampling math. Weights perturbed mildly: with large random weights the tiny
+  model is chaotic and bf16 rounding swaps near-tied tokens, as it would for any discrete choice."""
+  f32 = tiny(ats_blocks=(1, 2, 3), num_tokens=0.8)
+  bf16 = tiny(ats_blocks=(1, 2, 3), num_tokens=0.8, dtype=jnp.bfloat16)
+  perturb(f32, scale=0.1)
+  perturb(bf16, scale=0.1)
+  (a, sa), (b, sb) = run_ats(f32, tiny_images), run_ats(bf16, tiny_images)
+  assert b.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(sb['kept_tokens']), np.asarray(sa['kept_tokens']))
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=0.03 * np.abs(np.asarray(a)).max())
+  assert (np.asarray(b).argmax(-1) == np.asarray(a).argmax(-1)).all()
+
+
+def test_stats_of_the_dense_model_are_the_published_gflops():
+  model = create_model('deit_small_patch16_224')
+  model.eval()
+  images = jnp.zeros((2, 224, 224, 3))
+  _, stats = nnx.jit(lambda m, x: m(x, return_stats=True))(model, images)
+  np.testing.assert_array_equal(np.asarray(stats['kept_tokens']), 197)
+  np.testing.assert_allclose(np.asarray(stats['gflops']), [4.599, 4.599], atol=1e-3)  # 4.6 quoted
+
+
+def test_stats_count_the_kept_tokens(tiny_images):
+  model = tiny(ats_blocks=(2,), num_tokens=9)
+  perturb(model)
+  _, stats = run_ats(model, tiny_images)
+  kept = np.asarray(stats['kept_tokens'])
+  assert (kept[:, :2] == 17).all() and (kept[:, 2] <= 9).all() and (kept[:, 3] == kept[:, 2]).all()
+  # by hand: dim 48, mlp 192; block 2 keeps k of 17 tokens, block 3 runs on k
+  dim, hidden, k = 48, 192, kept[:, 2].astype(np.float64)
+
+  def block(keys, queries):
+    return (
+      3 * dim * dim * keys
+      + dim * keys * keys
+      + dim * queries * keys
+      + dim * dim * queries
+      + (2 * dim * hidden * queries)
+    )
+
+  expected = 16 * 3 * 64 * dim + dim * 10 + 2 * block(17, 17) + block(17, k) + block(k, k)
+  np.testing.assert_allclose(np.asarray(stats['gflops']), expected / 1e9, rtol=1e-6)
