@@ -139,6 +139,24 @@ def tiny_images():
   return jnp.asarray(np.random.default_rng(0).standard_normal((6, 32, 32, 3)), jnp.float32)
 
 
+@pytest.mark.parametrize('distilled', [False, True], ids=['deit', 'deit_distilled'])
+def test_whole_model_equals_numpy_reference(tiny_images, distilled):
+  """Plain, ATS and masked plain blocks, norm and head(s), image by image in float64."""
+  caps = {1: 14, 2: 10}  # block 3: a plain block with a mask
+  model = tiny(ats_blocks=tuple(caps), num_tokens=tuple(caps.values()), distilled=distilled)
+  perturb(model, scale=0.2)
+  logits, stats = run_ats(model, tiny_images)
+  tokens = np.asarray(model.embed(tiny_images), np.float64)  # [B, N0, C]: the reference's input
+  params = {k: np.asarray(v[...], np.float64) for k, v in vit_lib.param_dict(model).items()}
+  for i in range(tiny_images.shape[0]):
+    ref_logits, ref_kept = ats_reference.model_logits(
+      params, tokens[i], TINY['num_heads'], caps, num_prefix=2 if distilled else 1
+    )
+    assert np.asarray(stats['kept_tokens'][i]).tolist() == ref_kept
+    np.testing.assert_allclose(np.asarray(logits[i]), ref_logits, atol=1e-4, rtol=1e-4)
+  assert len({tuple(k) for k in np.asarray(stats['kept_tokens']).tolist()}) > 1
+
+
 def test_no_ats_blocks_is_the_dense_model_bit_for_bit(tiny_images):
   dense, ats = tiny(), tiny(ats_blocks=(), num_tokens=0.25)
   perturb(dense)

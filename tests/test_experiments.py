@@ -1,0 +1,39 @@
+"""The experiment scripts as a user runs them: their files exist and their numbers agree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from ats_jax import flops
+from ats_jax.models import get_spec
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+  proc = subprocess.run(
+    [sys.executable, '-m', module, *args],
+    capture_output=True,
+    text=True,
+    check=False,
+    env={'JAX_PLATFORMS': 'cpu', 'PATH': '', 'TF_CPP_MIN_LOG_LEVEL': '3'},
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_token_stats_reports_fewer_tokens_for_peaked_attention(tmp_path):
+  name = 'deit_tiny_patch16_224'
+  proc = run_module(
+    'experiments.token_stats', f'--model={name}', '--images=3', f'--json={tmp_path / "s.json"}'
+  )
+  result = json.loads((tmp_path / 's.json').read_text())
+  assert result['dense_gflops'] == flops.dense_gflops(get_spec(name))
+  random, peaked = result['rows'].values()
+  for row in (random, peaked):
+    kept = row['kept_tokens']
+    assert kept[:3] == [197, 197, 197] and (np.diff(kept) <= 0).all()
+    assert f'{row["gflops"]:.2f} |' in proc.stdout
+  assert peaked['gflops'] < random['gflops'] < result['dense_gflops']
