@@ -15,8 +15,10 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
+# Trains the embedded default (a small ViT with ATS on scikit-learn's digits), then evaluates it with
+# and without ATS; rerunning resumes from workdir/digits (and only re-evaluates once finished).
 demo: $(VENV)/.runtime
-	$(PY) main.py --config=configs/deit_t.py
+	$(PY) main.py --config=configs/digits_ats.py --workdir=workdir/digits
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check .

@@ -1,7 +1,13 @@
-"""Entry point: `python main.py --config=configs/deit_s.py [--config.field=value ...]`."""
+"""Entry point: `python main.py --config=configs/deit_s_ats.py --workdir=DIR [--config.x=value]`.
+
+Modes (`config.mode`): 'train' (resumes from DIR's latest checkpoint, then evaluates), 'evaluate'
+(`config.checkpoint`, else DIR's latest checkpoint), 'describe' (the zoo, one timed forward pass).
+On several hosts run the same command on each; `jax.distributed.initialize()` finds the others.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -13,14 +19,14 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from ats_jax import flops, zoo
+from ats_jax import flops, input_pipeline, train, zoo
 from ats_jax.models import CheckpointError, create_model
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file.', lock_config=True
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.')
-MODES = ('describe',)
+MODES = ('train', 'evaluate', 'describe')
 
 
 def describe(config: ml_collections.ConfigDict) -> None:
@@ -33,10 +39,12 @@ def describe(config: ml_collections.ConfigDict) -> None:
     dtype=jnp.dtype(config.dtype),
     ats_blocks=tuple(config.ats_blocks),
     num_tokens=tuple(config.num_tokens),
+    **config.model_overrides,
   )
   model.eval()
   size = model.img_size
-  images = jax.random.normal(jax.random.key(config.seed), (config.batch_size, size, size, 3))
+  batch = config.eval_batch_size
+  images = jax.random.normal(jax.random.key(config.seed), (batch, size, size, 3))
   forward = nnx.jit(lambda m, x: m(x, return_stats=True))
   start = time.perf_counter()
   logits, stats = jax.block_until_ready(forward(model, images))
@@ -51,9 +59,21 @@ def describe(config: ml_collections.ConfigDict) -> None:
     f'  mean kept tokens per block: {" ".join(f"{k:.1f}" for k in kept)}\n'
     f'  GFLOPs/image: {float(np.mean(stats["gflops"])):.2f}'
     f' (dense {flops.dense_gflops(model.spec):.2f})\n'
-    f'  compile+run {compiled:.1f}s, then {config.batch_size / step:.1f} images/s\n'
+    f'  compile+run {compiled:.1f}s, then {batch / step:.1f} images/s\n'
     f'  top-1 class of each image {np.asarray(jnp.argmax(logits, -1)).tolist()}'
   )
+
+
+def print_results(results: dict) -> None:
+  """The evaluation as a table on stdout: what a user reads first."""
+  print('| model | top-1 | top-5 | GFLOPs/image | mean kept tokens per ATS block | images/s |')
+  print('|---|---:|---:|---:|---|---:|')
+  for name, r in results.items():
+    kept = ' '.join(f'{b}:{k:g}' for b, k in r['kept_tokens'].items()) or '-'
+    print(
+      f'| {name} | {100 * r["top1"]:.2f} | {100 * r["top5"]:.2f} | {r["gflops"]:.4g} | {kept} '
+      f'| {r["images_per_sec"]:.0f} |'
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -61,10 +81,36 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   if config.mode not in MODES:
     sys.exit(f'error: config.mode={config.mode!r} is not one of {MODES}')
+  if config.mode == 'train' and not _WORKDIR.value:
+    sys.exit('error: training needs --workdir (checkpoints, metrics and results go there)')
+  if _multi_host():
+    jax.distributed.initialize()
   try:
-    describe(config)
-  except (CheckpointError, ValueError) as e:
+    if config.mode == 'describe':
+      describe(config)
+      return
+    workdir = os.path.abspath(_WORKDIR.value) if _WORKDIR.value else None
+    if config.mode == 'train':
+      results = train.train_and_evaluate(config, workdir)
+    else:
+      results = train.evaluate_checkpoint(config, workdir)
+  except (CheckpointError, input_pipeline.InputError, ValueError) as e:
     sys.exit(f'error: {e}')
+  if results is not None:
+    print_results(results)
+
+
+def _multi_host() -> bool:
+  """True under a cluster launcher that JAX's auto-detection knows (Slurm, Open MPI, TPU pods)."""
+  return any(
+    v in os.environ
+    for v in (
+      'SLURM_NTASKS',
+      'OMPI_COMM_WORLD_SIZE',
+      'TPU_WORKER_HOSTNAMES',
+      'JAX_COORDINATOR_ADDRESS',
+    )
+  )
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,16 +1,65 @@
-"""Defaults every config starts from; each field is overridable: `--config.batch_size=64`."""
+"""Defaults every config starts from; each field is overridable: `--config.batch_size=64`.
+
+The hyper-parameters are DeiT's ImageNet recipe (Touvron et al., 2021), as the original ATS trains.
+"""
 
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  config.mode = 'train'  # 'train' (then evaluate), 'evaluate', or 'describe' (zoo, size, cost)
+  config.seed = 0
+
+  # Model.
   config.model = 'deit_small_patch16_224'  # a name from ats_jax.models.list_models()
-  config.checkpoint = ''  # converted dir, .pth or .safetensors; '' = random init (seed)
+  config.model_overrides = ml_collections.ConfigDict()  # VisionTransformer fields, e.g. depth
+  config.checkpoint = ''  # weights to evaluate/describe: converted dir, .pth or .safetensors
+  config.init_from = ''  # train: fine-tune from these weights (same formats); '' = from scratch
   config.ats_blocks = ()  # indices of the blocks whose attention samples tokens; () = dense
   config.num_tokens = (197.0,)  # cap K per ATS block (one for all, or one each); <= 1 is a ratio
   config.dtype = 'float32'  # computation dtype; 'bfloat16' on accelerators. Params stay float32.
-  config.mode = 'describe'  # 'describe': the zoo, the model's size and cost, one timed forward pass
-  config.batch_size = 8
-  config.seed = 0
+
+  # Data (`ats_jax/input_pipeline.py`).
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'imagenet2012'  # 'digits' (embedded), 'folder' (ILSVRC2012 layout), or TFDS
+  config.data.data_dir = ''  # TFDS data_dir, or for 'folder' the root holding train/ and val/
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'  # a TFDS split; for 'folder' the sub-folder, e.g. 'val'
+  config.data.shuffle_buffer = 10_000
+  config.data.crop_pct = 0.875  # eval: resize to img_size / crop_pct (256 for 224), centre crop
+
+  # Augmentation (timm's DeiT setting); each switchable: 0 or False turns it off.
+  config.aug = ml_collections.ConfigDict()
+  config.aug.random_resized_crop = True
+  config.aug.rrc_scale = (0.08, 1.0)
+  config.aug.hflip = 0.5  # probability
+  config.aug.randaugment_num_ops = 2  # rand-m9-mstd0.5-inc1; 0 = off
+  config.aug.randaugment_magnitude = 9.0
+  config.aug.randaugment_mstd = 0.5
+  config.aug.random_erasing = 0.25  # probability, per-pixel random values as timm's 'pixel' mode
+  config.aug.mixup = 0.8  # Beta(alpha) of Mixup; 0 = off
+  config.aug.cutmix = 1.0  # Beta(alpha) of CutMix; 0 = off (one of the two per batch, 50/50)
+  config.aug.label_smoothing = 0.1
+
+  # Optimisation (`ats_jax/optim.py`).
+  config.batch_size = 1024  # global, over every device of every host
+  config.eval_batch_size = 1024  # also the images of 'describe''s timed forward pass
+  config.num_epochs = 300.0  # training length: num_epochs, or num_steps when > 0
+  config.num_steps = 0
+  config.warmup_epochs = 5.0
+  config.base_lr = 5e-4  # for batch 512: lr = base_lr * batch_size / 512, as DeiT
+  config.min_lr = 1e-5
+  config.weight_decay = 0.05  # not on norms, biases, position embedding and tokens
+  config.grad_clip_norm = 0.0  # 0 = no clipping
+  config.ema_decay = 0.0  # 0 = no EMA of the weights; else e.g. 0.99996, evaluated instead
+
+  # Parallelism (`ats_jax/sharding.py`).
+  config.fsdp = False  # shard parameters and optimiser state over the data axis (large models)
+
+  # Checkpoints, logging, evaluation.
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.log_every_steps = 100
+  config.eval_every_steps = 0  # 0 = evaluate at the end only
   return config

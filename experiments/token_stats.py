@@ -74,8 +74,10 @@ def main(argv: list[str]) -> None:
   sharpen_attention(model, _PEAK.value)
   rows[f'peaked (q, k x{_PEAK.value:g})'] = measure(model, images)
   dense = flops.dense_gflops(model.spec)
-  print(f'{_MODEL.value}, ATS in blocks {",".join(_ATS_BLOCKS.value)}, cap {_NUM_TOKENS.value:g},'
-        f' {_IMAGES.value} images; dense {dense:.2f} GFLOPs\n')  # fmt: skip
+  print(
+    f'{_MODEL.value}, ATS in blocks {",".join(_ATS_BLOCKS.value)}, cap {_NUM_TOKENS.value:g},'
+    f' {_IMAGES.value} images; dense {dense:.2f} GFLOPs\n'
+  )
   print('| weights | mean kept tokens per block | GFLOPs/image |\n|---|---|---:|')
   for name, row in rows.items():
     print(f'| {name} | {" ".join(f"{k:g}" for k in row["kept_tokens"])} | {row["gflops"]:.2f} |')

@@ -34,7 +34,8 @@ def test_describe_runs_a_converted_model_and_predicts_as_timm(tmp_path, capsys):
   proc = run_main(
     '--config=configs/deit_t.py',
     f'--config.checkpoint={tmp_path / "ckpt"}',
-    '--config.batch_size=3',
+    '--config.mode=describe',
+    '--config.eval_batch_size=3',
     '--config.seed=7',
   )
   assert proc.returncode == 0, proc.stderr
@@ -49,13 +50,21 @@ def test_describe_runs_a_converted_model_and_predicts_as_timm(tmp_path, capsys):
 
 
 def test_bad_config_values_are_one_line_errors(tmp_path):
+  describe, digits = ('--config=configs/deit_t.py', '--config.mode=describe'), (
+    '--config=configs/digits_ats.py', f'--workdir={tmp_path / "run"}')  # fmt: skip
   cases = {
     ('--config=configs/deit_t.py', '--config.nope=1'): 'names no config field',
     ('--config=configs/deit_t.py', '--config.batch_size=abc'): 'batch_size',
     ('--config=configs/missing.py',): 'No such file',
-    ('--config=configs/deit_t.py', '--config.model=deit_huge'): "unknown model 'deit_huge'",
-    ('--config=configs/deit_t.py', '--config.mode=train'): "config.mode='train' is not one of",
-    ('--config=configs/deit_t.py', f'--config.checkpoint={tmp_path}'): 'not a converted checkpoint',
+    (*describe, '--config.model=deit_huge'): "unknown model 'deit_huge'",
+    ('--config=configs/deit_t.py', '--config.mode=fit'): "config.mode='fit' is not one of",
+    (*describe, f'--config.checkpoint={tmp_path}'): 'not a converted checkpoint',
+    ('--config=configs/digits_ats.py',): 'training needs --workdir',
+    (*digits, '--config.data.name=no_such_set'): "unknown dataset 'no_such_set'",
+    (*digits, '--config.data.name=folder', f'--config.data.data_dir={tmp_path / "nope"}'): 'nope',
+    (*digits, '--config.data.name=cifar10', f'--config.data.data_dir={tmp_path}'): 'not prepared',
+    (*digits, '--config.ats_blocks=(2, 9)'): 'ats_blocks [2, 9] must be distinct block indices',
+    (*digits, '--config.mode=evaluate'): 'nothing to evaluate',
   }
   for args, message in cases.items():
     proc = run_main(*args)

@@ -1,0 +1,438 @@
+"""The tf.data input pipeline: this process' share of deterministic, resumable batches as numpy.
+
+Sources, chosen by `config.data.name`:
+  'digits'  scikit-learn's 1,797 8x8 handwritten digits, shipped inside the package, so a run needs
+            no download. Grey 0..16 becomes RGB uint8 (x * 255 / 16). A split fixed once (a
+            permutation with seed 0, whatever config.seed) gives 1,437 'train' and 360 'validation'
+            images; those are the only split names.
+  'folder'  the layout the original ATS reads: <data_dir>/<split>/<class>/*.{jpg,jpeg,png}. The
+            classes are the sorted sub-folder names of the train split; eval uses the same indices.
+  other     a TFDS dataset already prepared in data_dir, with features 'image' and 'label'.
+
+Training is a sequence of epochs. Epoch e on process p is a shuffle of p's examples seeded by
+(seed, p, e); an example's augmentation seed is folded from (seed, p, e) and its position in the
+epoch. Every epoch drops its last partial batch (the order changes each epoch, so which examples
+are dropped does too), making steps_per_epoch = min over processes of examples // local batch. So
+batch `step` is a function of (config, step) alone: `start_step` builds epoch step //
+steps_per_epoch and skips the earlier examples of it before they are decoded (at most one epoch of
+paths, arrays or, for TFDS, encoded records read from disk). The pipeline restarts at each epoch
+boundary (a short stall while the shuffle buffer refills).
+
+The shuffle is an exact permutation for 'digits' and 'folder'; for TFDS it is the file order
+shuffled per epoch plus a buffer of config.data.shuffle_buffer examples, as tfds.load does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from ats_jax import preprocessing
+
+BUILTIN_NAMES = ('digits', 'folder')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-case: ImageNet's are '.JPEG'
+DIGITS_SPLITS = {'train': slice(0, 1437), 'validation': slice(1437, None)}
+
+
+class InputError(ValueError):
+  """A data problem the user must fix (path, dataset, split, image file, batch size); one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+  """One split of a source: the same calls for in-memory lists and TFDS."""
+
+  description: str  # names it in messages, e.g. "folder /data/train"
+  num_classes: int
+  host_sizes: Callable[[int], list[int]]  # process count -> examples per process
+  # (process, process count, shuffle seed or None for the fixed order) -> (record, label) dataset
+  records: Callable[[int, int, int | None], tf.data.Dataset]
+  decode: Callable[[tf.Tensor], tf.Tensor]  # record -> uint8 [h, w, 3]
+  # (process, process count, shuffle seed, first, stop position) -> the file at fault, if known
+  find_bad_file: Callable[[int, int, int | None, int, int], str | None] = lambda *_: None
+
+  @property
+  def num_examples(self) -> int:
+    return sum(self.host_sizes(1))
+
+
+def dataset_info(data: ml_collections.ConfigDict) -> DatasetInfo:
+  """Class count and global example counts of the train and eval splits of `config.data`."""
+  _keep_tf_off_accelerators()
+  train = _open_split(data, data.train_split)
+  evaluation = _open_split(data, data.eval_split)
+  return DatasetInfo(train.num_classes, train.num_examples, evaluation.num_examples)
+
+
+def train_batches(
+  config: ml_collections.ConfigDict, *, image_size: int, start_step: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+  """Endless augmented batches, this process' config.batch_size // process_count of each.
+
+  Yields {'image': float32 [b, S, S, 3] normalised, 'label': int32 [b]}; the batch at `step` is
+  the same whether reached from step 0 or by starting at start_step=step. Problems with the
+  config or the data layout raise InputError here; an unreadable image raises it when reached.
+  """
+  _keep_tf_off_accelerators()
+  host, num_hosts, batch = _local_batch(config.batch_size, 'batch_size')
+  if start_step < 0:
+    raise InputError(f'start_step must be >= 0, got {start_step}')
+  split = _open_split(config.data, config.data.train_split)
+  steps_per_epoch = min(split.host_sizes(num_hosts)) // batch
+  if steps_per_epoch == 0:
+    raise InputError(
+      f'{split.description} has {min(split.host_sizes(num_hosts))} examples on a process, '
+      f'fewer than its batch of {batch} (batch_size {config.batch_size})'
+    )
+  logging.info(
+    'Training on %s: %d examples, %d steps per epoch of %d per process, from step %d.',
+    split.description,
+    split.num_examples,
+    steps_per_epoch,
+    batch,
+    start_step,
+  )
+  return _train_epochs(
+    config, split, image_size, host, num_hosts, batch, steps_per_epoch, start_step
+  )
+
+
+def eval_batches(
+  config: ml_collections.ConfigDict, *, image_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the eval split in this process' share of batches of config.eval_batch_size.
+
+  Yields {'image': float32 [b, S, S, 3], 'label': int32 [b], 'mask': bool [b]}. Padding (mask
+  False, zero image, label 0) fills the last batch, and every process yields the same number of
+  batches, as multi-host jit requires, so each example counts exactly once.
+  """
+  _keep_tf_off_accelerators()
+  host, num_hosts, batch = _local_batch(config.eval_batch_size, 'eval_batch_size')
+  split = _open_split(config.data, config.data.eval_split)
+  sizes = split.host_sizes(num_hosts)
+  num_batches = -(-max(sizes) // batch)
+  if num_batches == 0:
+    raise InputError(f'{split.description} has no examples')
+
+  def prepare(record: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
+    image = preprocessing.eval_image(split.decode(record), image_size, config.data.crop_pct)
+    return {'image': image, 'label': tf.cast(label, tf.int32), 'mask': tf.constant(True)}
+
+  padding = {
+    'image': tf.zeros((image_size, image_size, 3), tf.float32),
+    'label': tf.constant(0, tf.int32),
+    'mask': tf.constant(False),
+  }
+  ds = split.records(host, num_hosts, None).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.concatenate(
+    tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch - sizes[host])
+  )
+  ds = _finish(ds.batch(batch, drop_remainder=True))
+  logging.info(
+    'Evaluating on %s: %d batches of %d per process.', split.description, num_batches, batch
+  )
+  return _checked(
+    ds,
+    lambda start, stop: split.find_bad_file(host, num_hosts, None, start, stop),
+    split.description,
+    first=0,
+    batch=batch,
+  )
+
+
+def _train_epochs(
+  config: ml_collections.ConfigDict,
+  split: _Split,
+  image_size: int,
+  host: int,
+  num_hosts: int,
+  batch: int,
+  steps_per_epoch: int,
+  start_step: int,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Chains the epochs, entering the first at start_step."""
+  epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+
+  # One tf.function for every epoch: tf.data would otherwise retrace the augmentation (seconds
+  # with RandAugment) each time an epoch's pipeline is built.
+  @tf.function
+  def prepare(position: tf.Tensor, key: tf.Tensor, record: tf.Tensor, label: tf.Tensor):
+    seed = tf.random.experimental.stateless_fold_in(key, position)  # int64 [2]
+    image = preprocessing.train_image(split.decode(record), seed, image_size, config.aug)
+    return {'image': image, 'label': tf.cast(label, tf.int32)}
+
+  while True:
+    # A process' own stream: the shuffle and the augmentation differ per process and per epoch.
+    seq = np.random.SeedSequence([config.seed % 2**64, host, epoch])  # it needs seeds >= 0
+    shuffle_seed, *aug_key = (int(s) for s in seq.generate_state(3))
+    key = tf.constant(aug_key, tf.int64)
+    skip = step_in_epoch * batch
+    ds = split.records(host, num_hosts, shuffle_seed).take(steps_per_epoch * batch)
+    ds = ds.enumerate().skip(skip)  # positions count from the epoch start; skip before decoding
+    ds = ds.map(lambda i, ex, key=key: prepare(i, key, *ex), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _finish(ds.batch(batch, drop_remainder=True))
+    find = functools.partial(split.find_bad_file, host, num_hosts, shuffle_seed)
+    yield from _checked(ds, find, split.description, first=skip, batch=batch)
+    epoch, step_in_epoch = epoch + 1, 0
+
+
+def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Prefetches, and fixes the order: parallel maps must not reorder what resume relies on."""
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _checked(
+  ds: tf.data.Dataset,
+  find_bad_file: Callable[[int, int], str | None],
+  description: str,
+  *,
+  first: int,
+  batch: int,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Yields ds as numpy, turning a read or decode failure into an InputError naming the file.
+
+  The order is deterministic, so the failing batch is the next one: its examples are the
+  positions first + i * batch onwards, which find_bad_file decodes one by one.
+  """
+  iterator = ds.as_numpy_iterator()
+  i = 0
+  while True:
+    try:
+      batch_arrays = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as error:
+      reason = _short(error)
+      start = first + i * batch
+      path = find_bad_file(start, start + batch)
+      where = f'image file {path}' if path else description
+      raise InputError(f'cannot read {where}: {reason}') from None
+    yield batch_arrays
+    i += 1
+
+
+def _short(error: tf.errors.OpError) -> str:
+  """TF's message without node names and op tags: the first line a user can act on."""
+  message = re.sub(r'\{\{[^}]*\}\}\s*', '', error.message)
+  message = re.sub(
+    r'Error in user-defined function passed to \S+ transformation with iterator: \S+: ', '', message
+  )
+  message = re.sub(r'\s*\[\[.*|\s*\[Op:\w+\]', '', message)
+  return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+
+
+def _local_batch(global_batch: int, field: str) -> tuple[int, int, int]:
+  """(process index, process count, this process' batch) for a global batch size."""
+  num_hosts = jax.process_count()
+  if global_batch <= 0 or global_batch % num_hosts:
+    raise InputError(
+      f'{field} {global_batch} must be a positive multiple of the process count {num_hosts}'
+    )
+  return jax.process_index(), num_hosts, global_batch // num_hosts
+
+
+def _keep_tf_off_accelerators() -> None:
+  """tf.data runs on the host; TF must not reserve the GPU memory JAX needs (Flax's examples)."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TF already initialised its devices: too late to hide them
+    logging.warning('TensorFlow was initialised before the input pipeline; it may hold GPUs.')
+
+
+def _open_split(data: ml_collections.ConfigDict, split: str) -> _Split:
+  """The one place the source is chosen by name."""
+  if data.name == 'digits':
+    return _digits_split(split)
+  if data.name == 'folder':
+    return _folder_split(data.data_dir, data.train_split, split)
+  return _tfds_split(data.name, data.data_dir, split, data.shuffle_buffer)
+
+
+def _host_range(size: int, host: int, num_hosts: int) -> tuple[int, int]:
+  """Contiguous shares whose sizes differ by at most one, as tfds.even_splits."""
+  return size * host // num_hosts, size * (host + 1) // num_hosts
+
+
+def _list_split(
+  description: str,
+  num_classes: int,
+  records: np.ndarray,
+  labels: np.ndarray,
+  decode: Callable[[tf.Tensor], tf.Tensor],
+  paths: bool = False,
+) -> _Split:
+  """A split whose examples are all in memory (images or file paths), in a fixed order."""
+
+  def order(host: int, num_hosts: int, shuffle_seed: int | None) -> np.ndarray:
+    lo, hi = _host_range(len(records), host, num_hosts)
+    indices = np.arange(lo, hi)
+    if shuffle_seed is None:
+      return indices
+    return np.random.default_rng(shuffle_seed).permutation(indices)
+
+  def host_sizes(num_hosts: int) -> list[int]:
+    return [
+      hi - lo for lo, hi in (_host_range(len(records), h, num_hosts) for h in range(num_hosts))
+    ]
+
+  def read(host: int, num_hosts: int, shuffle_seed: int | None) -> tf.data.Dataset:
+    indices = order(host, num_hosts, shuffle_seed)
+    return tf.data.Dataset.from_tensor_slices((records[indices], labels[indices]))
+
+  def find_bad_file(
+    host: int, num_hosts: int, shuffle_seed: int | None, start: int, stop: int
+  ) -> str | None:
+    if not paths:
+      return None
+    for index in order(host, num_hosts, shuffle_seed)[start:stop]:
+      try:
+        decode(tf.constant(records[index]))
+      except tf.errors.OpError:
+        return str(records[index])
+    return None
+
+  return _Split(description, num_classes, host_sizes, read, decode, find_bad_file)
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+  """All 1797 digits as uint8 RGB [n, 8, 8, 3] and int32 labels, in the fixed split order."""
+  import sklearn.datasets  # only this source needs it
+
+  digits = sklearn.datasets.load_digits()
+  gray = np.round(digits.images * 255.0 / 16.0).astype(np.uint8)  # [n, 8, 8], 0..16 -> 0..255
+  images = np.repeat(gray[..., None], 3, axis=-1)  # [n, 8, 8, 3]
+  order = np.random.default_rng(0).permutation(len(images))  # fixed: never config.seed
+  return images[order], digits.target[order].astype(np.int32)
+
+
+def _digits_split(split: str) -> _Split:
+  if split not in DIGITS_SPLITS:
+    raise InputError(
+      f"dataset 'digits' has no split {split!r}; its splits are {list(DIGITS_SPLITS)}"
+    )
+  images, labels = _digits()
+  part = DIGITS_SPLITS[split]
+  return _list_split(f'digits {split}', 10, images[part], labels[part], lambda image: image)
+
+
+def _decode_file(path: tf.Tensor) -> tf.Tensor:
+  """A JPEG or PNG file -> uint8 [h, w, 3] (grey and RGBA files become RGB)."""
+  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+def _subfolders(path: str) -> list[str]:
+  """Sorted class folder names; hidden ones (.ipynb_checkpoints, ...) are no class."""
+  names = (n.rstrip('/') for n in tf.io.gfile.listdir(path) if not n.startswith('.'))
+  return sorted(n for n in names if tf.io.gfile.isdir(os.path.join(path, n)))
+
+
+def _folder_split(data_dir: str, train_split: str, split: str) -> _Split:
+  """<data_dir>/<split>/<class>/<image> with the class indices of the train split."""
+  if not data_dir:
+    raise InputError("data.data_dir is empty: 'folder' needs the root holding the split folders")
+  if not tf.io.gfile.isdir(data_dir):
+    raise InputError(f'data_dir {data_dir} does not exist')
+  classes = {}
+  for name in (train_split, split):
+    path = os.path.join(data_dir, name)
+    if not tf.io.gfile.isdir(path):
+      raise InputError(
+        f'split folder {path} does not exist (split {name!r} of data_dir {data_dir})'
+      )
+    classes[name] = _subfolders(path)
+    if not classes[name]:
+      raise InputError(f'no class folders in {path}: expected {path}/<class>/<image>.JPEG')
+  index = {name: i for i, name in enumerate(classes[train_split])}
+  root = os.path.join(data_dir, split)
+  paths, labels = [], []
+  for name in classes[split]:
+    folder = os.path.join(root, name)
+    if name not in index:
+      raise InputError(f'class folder {folder} is not a class of the train split {train_split!r}')
+    files = sorted(f for f in tf.io.gfile.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise InputError(f'class folder {folder} has no {"/".join(IMAGE_EXTENSIONS)} images')
+    paths += [os.path.join(folder, f) for f in files]
+    labels += [index[name]] * len(files)
+  return _list_split(
+    f'folder {root}',
+    len(index),
+    np.array(paths, dtype=object),  # str objects: leaner than a fixed-width array
+    np.array(labels, dtype=np.int32),
+    _decode_file,
+    paths=True,
+  )
+
+
+def _tfds_split(name: str, data_dir: str, split: str, shuffle_buffer: int) -> _Split:
+  """A prepared TFDS split, shared out with tfds.even_splits as tfds.split_for_jax_process does."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.DatasetNotFoundError:
+    raise InputError(
+      f'unknown dataset {name!r}: not a TFDS dataset nor one of the built-in {list(BUILTIN_NAMES)}'
+    ) from None
+  except ValueError as error:
+    raise InputError(f'cannot open TFDS dataset {name!r}: {str(error).splitlines()[0]}') from None
+  root = data_dir or tfds.core.constants.DATA_DIR
+  if not builder.is_prepared():
+    manual = ''
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+      files = ' (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar)' if 'imagenet' in name else ''
+      manual = f'; it needs a manual download into {root}/downloads/manual first{files}'
+    raise InputError(
+      f'TFDS dataset {name!r} is not prepared in data_dir {root}: prepare it with '
+      f'`tfds build {name} --data_dir={root}`{manual}'
+    )
+  features = builder.info.features
+  missing = [key for key in ('image', 'label') if key not in features.keys()]
+  if missing or not hasattr(features['label'], 'num_classes'):
+    raise InputError(f"TFDS dataset {name!r} lacks an 'image' feature and a class 'label'")
+  try:
+    builder.info.splits[split]
+  except (KeyError, ValueError):
+    raise InputError(
+      f'TFDS dataset {name!r} has no split {split!r}; its splits are {list(builder.info.splits)}'
+    ) from None
+
+  def host_split(host: int, num_hosts: int) -> tfds.typing.SplitArg:
+    return tfds.even_splits(split, n=num_hosts)[host]
+
+  def host_sizes(num_hosts: int) -> list[int]:
+    return [builder.info.splits[host_split(h, num_hosts)].num_examples for h in range(num_hosts)]
+
+  def read(host: int, num_hosts: int, shuffle_seed: int | None) -> tf.data.Dataset:
+    ds = builder.as_dataset(
+      split=host_split(host, num_hosts),
+      shuffle_files=shuffle_seed is not None,
+      decoders={'image': tfds.decode.SkipDecoding()},  # decode after the resume skip
+      read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, skip_prefetch=True),
+    )
+    ds = ds.map(lambda example: (example['image'], example['label']))
+    return ds if shuffle_seed is None else ds.shuffle(shuffle_buffer, seed=shuffle_seed)
+
+  def decode(record: tf.Tensor) -> tf.Tensor:
+    return tf.io.decode_image(record, channels=3, expand_animations=False)
+
+  num_classes = features['label'].num_classes
+  return _Split(f'TFDS {name} split {split!r}', num_classes, host_sizes, read, decode)

@@ -1,0 +1,356 @@
+"""Training and evaluation: pure `train_step`/`eval_step` and the loop around them.
+
+The loop follows the Flax NNX examples: the model is split once into a static graph and its
+parameters; the steps are plain functions of arrays, jitted with explicit shardings (data parallel
+over every device of every host), the train state donated.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from flax import nnx
+
+from ats_jax import checkpointing, input_pipeline, mixup, optim, sharding
+from ats_jax.models import create_model, pretrained, vit
+from ats_jax.models.factory import load_params
+from ats_jax.models.timm_convert import CheckpointError
+
+HEADS = ('head', 'head_dist')  # re-initialised when fine-tuning to another class count
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+  ema_params: nnx.State | None  # None when config.ema_decay == 0
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, **overrides) -> nnx.Module:
+  """The configured model (random init), with the data's class count; `overrides` win."""
+  kwargs = dict(
+    num_classes=num_classes,
+    dtype=jnp.dtype(config.dtype),
+    ats_blocks=tuple(config.ats_blocks),
+    num_tokens=tuple(config.num_tokens),
+    **config.model_overrides,
+  )
+  return create_model(config.model, seed=config.seed, **kwargs | overrides)
+
+
+def init_from(model: nnx.Module, path: str, name: str) -> None:
+  """Loads pretrained weights of variant `name` for fine-tuning; a head of another class count is
+  re-initialised, as timm does."""
+  params = dict(pretrained.load_checkpoint(path, name).params)
+  own = vit.param_dict(model)
+  for key in [k for k in params if k.split('.')[0] in HEADS]:
+    if key in own and tuple(own[key].shape) != tuple(params[key].shape):
+      logging.info(
+        'init_from: %s %s does not fit %s: re-initialised', key, params[key].shape, own[key].shape
+      )
+      params[key] = own[key][...]
+  load_params(model, params, f'the model (init_from {path})')
+
+
+def loss_and_stats(params, graphdef, images, targets):
+  logits, stats = nnx.merge(graphdef, params)(images, return_stats=True)
+  loss = optax.softmax_cross_entropy(logits, targets).mean()
+  return loss, stats
+
+
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One AdamW step on a Mixup/CutMix'ed batch with label smoothing."""
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  images, targets = mixup.mix(
+    rng,
+    batch['image'],
+    batch['label'],
+    num_classes,
+    mixup_alpha=config.aug.mixup,
+    cutmix_alpha=config.aug.cutmix,
+    smoothing=config.aug.label_smoothing,
+  )
+  grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
+  (loss, stats), grads = grad_fn(state.params, graphdef, images, targets)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if ema is not None:
+    ema = optim.ema_update(ema, params, config.ema_decay)
+  metrics = {
+    'loss': loss,
+    'learning_rate': schedule(state.step),
+    'grad_norm': optax.tree.norm(grads),
+    'gflops': stats['gflops'].mean(),
+  }
+  return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+
+def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef):
+  """Sums over the batch's real examples (mask): metrics average right over padded batches."""
+  logits, stats = nnx.merge(graphdef, params)(batch['image'], return_stats=True)
+  mask = batch['mask'].astype(jnp.float32)  # [B]
+  top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [B, 5]
+  hits = top == batch['label'][:, None]
+  return {
+    'count': mask.sum(),
+    'top1': (hits[:, 0] * mask).sum(),
+    'top5': (hits.any(-1) * mask).sum(),
+    'kept_tokens': (stats['kept_tokens'] * mask[:, None]).sum(0),  # [depth]
+    'gflops': (stats['gflops'] * mask).sum(),
+  }
+
+
+def evaluate(
+  config: ml_collections.ConfigDict,
+  graphdef: nnx.GraphDef,
+  params: nnx.State,
+  mesh: jax.sharding.Mesh,
+  image_size: int,
+  ats_blocks: tuple[int, ...],
+) -> dict[str, Any]:
+  """One pass over the eval split: top-1/5, kept tokens per block, GFLOPs/image, images/s."""
+  step = jax.jit(
+    functools.partial(eval_step, graphdef=graphdef), out_shardings=sharding.replicated(mesh)
+  )
+  batches = input_pipeline.eval_batches(config, image_size=image_size)
+  info = input_pipeline.dataset_info(config.data)
+  num_batches = math.ceil(info.num_eval_examples / config.eval_batch_size)
+  totals, seconds, timed_images = None, 0.0, 0
+  for i, local in enumerate(batches):
+    batch = sharding.global_batch(local, mesh)
+    start = time.perf_counter()
+    sums = jax.device_get(step(params, batch))
+    if i > 0:  # the first batch pays for compilation; the input pipeline is not timed
+      seconds += time.perf_counter() - start
+      timed_images += config.eval_batch_size
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    _progress_bar(i + 1, num_batches)
+  count = float(totals['count'])
+  kept = totals['kept_tokens'] / count
+  return {
+    'examples': int(count),
+    'top1': float(totals['top1'] / count),
+    'top5': float(totals['top5'] / count),
+    'gflops': float(totals['gflops'] / count),
+    'kept_tokens': {int(b): round(float(kept[b]), 2) for b in ats_blocks},
+    'images_per_sec': timed_images / seconds if seconds > 0 else float('nan'),
+  }
+
+
+def _progress_bar(done: int, total: int) -> None:
+  """A one-line progress bar on stderr (host 0 only)."""
+  if jax.process_index():
+    return
+  width = 30
+  filled = int(width * min(done, total) / max(total, 1))
+  end = '\n' if done >= total else ''
+  sys.stderr.write(f'\reval [{"#" * filled}{"." * (width - filled)}] {done}/{total}{end}')
+  sys.stderr.flush()
+
+
+def create_train_state(
+  params: nnx.State, tx: optax.GradientTransformation, ema: bool
+) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params if ema else None)
+
+
+def with_shardings(tree, mesh: jax.sharding.Mesh, fsdp: bool):
+  """Shape structs laid out on this run's devices: restoring re-shards whatever saved them."""
+  shardings = sharding.param_sharding(tree, mesh, fsdp)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
+
+
+def dense_graphdef(config: ml_collections.ConfigDict, num_classes: int) -> nnx.GraphDef:
+  """The same architecture without ATS: the reference the ATS model is compared with."""
+  return nnx.split(nnx.eval_shape(lambda: build_model(config, num_classes, ats_blocks=())))[0]
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] % jax.device_count():
+      raise ValueError(
+        f'config.{field}={config[field]} is not divisible by the {jax.device_count()} devices'
+      )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """Trains (resuming from the latest checkpoint in `workdir`), then evaluates.
+
+  Returns the evaluation results, or None when SIGTERM stopped training (after saving).
+  """
+  check_batch_sizes(config)
+  mesh = sharding.make_mesh()
+  info = input_pipeline.dataset_info(config.data)
+  model = build_model(config, info.num_classes)
+  if config.init_from:
+    init_from(model, config.init_from, config.model)
+  graphdef, params = nnx.split(model)
+  steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
+  total = config.num_steps or math.ceil(config.num_epochs * steps_per_epoch)
+  schedule = optim.learning_rate(config, total, steps_per_epoch)
+  tx = optim.create_optimizer(config, schedule)
+  state = create_train_state(params, tx, ema=config.ema_decay > 0)
+  shardings = sharding.param_sharding(state, mesh, config.fsdp)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  if ckpt.latest_step() is not None:  # resume; a finished run only evaluates again
+    logging.info('Resuming from %s, step %d', workdir, ckpt.latest_step())
+    state = ckpt.restore(with_shardings(state, mesh, config.fsdp))
+  else:
+    state = jax.device_put(state, shardings)
+  start = int(state.step)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start == 0:
+    parameter_overview.log_parameter_overview(params.to_pure_dict(), msg='Parameters')
+    writer.write_hparams(_flat_hparams(config))
+  step_fn = jax.jit(
+    functools.partial(
+      train_step,
+      graphdef=graphdef,
+      tx=tx,
+      schedule=schedule,
+      config=config,
+      num_classes=info.num_classes,
+    ),
+    in_shardings=(shardings, sharding.data_sharding(mesh)),
+    out_shardings=(shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+  batches = input_pipeline.train_batches(config, image_size=model.img_size, start_step=start)
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
+  preemption = checkpointing.Preemption()
+  pending = []
+
+  def evaluate_state(step: int) -> dict[str, Any]:
+    params = state.ema_params if state.ema_params is not None else state.params
+    results = evaluate_all(config, graphdef, params, mesh, model.img_size, info.num_classes)
+    write_results(results, workdir, writer, step)
+    return results
+
+  logging.info('Training %d steps (%d per epoch) from step %d', total, steps_per_epoch, start)
+  for step in range(start, total):
+    state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
+    pending.append(metrics)
+    done = step + 1
+    report(done)
+    if done % config.log_every_steps == 0 or done == total:
+      means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get(pending))
+      writer.write_scalars(done, {f'train/{k}': v for k, v in means.items()})
+      pending = []
+    preempted = preemption.reached(done)
+    if done % config.checkpoint_every_steps == 0 or done == total or preempted:
+      ckpt.save(done, state)
+    if preempted:
+      ckpt.close()
+      writer.flush()
+      logging.warning('Saved step %d after SIGTERM; rerun the same command to resume', done)
+      return None
+    if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total:
+      evaluate_state(done)
+  ckpt.close()
+  return evaluate_state(total)
+
+
+def evaluate_all(config, graphdef, params, mesh, image_size, num_classes) -> dict[str, Any]:
+  """The configured model, and with ATS on also the same weights run dense."""
+  ats_blocks = tuple(config.ats_blocks)
+  results = {
+    'ats' if ats_blocks else 'dense': evaluate(
+      config, graphdef, params, mesh, image_size, ats_blocks
+    )
+  }
+  if ats_blocks:
+    dense = dense_graphdef(config, num_classes)
+    results['dense'] = evaluate(config, dense, params, mesh, image_size, ())
+  return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
+  """Evaluates `config.checkpoint` (converted or PyTorch weights), else `workdir`'s latest state."""
+  check_batch_sizes(config)
+  mesh = sharding.make_mesh()
+  info = input_pipeline.dataset_info(config.data)
+  model = build_model(config, info.num_classes)
+  graphdef, params = nnx.split(model)
+  if config.checkpoint:
+    weights = pretrained.load_checkpoint(config.checkpoint, config.model).params
+    load_params(model, dict(weights), f'{config.model} (from {config.checkpoint})')
+    params = nnx.state(model)
+  else:
+    params = restore_params(config, workdir, params)
+  params = jax.device_put(params, sharding.param_sharding(params, mesh, config.fsdp))
+  results = evaluate_all(config, graphdef, params, mesh, model.img_size, info.num_classes)
+  if workdir:
+    write_results(results, workdir, None, None)
+  return results
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str | None, params: nnx.State):
+  """The weights (EMA when kept) of the latest train state in `workdir`, on the host."""
+  ckpt_dir = os.path.join(workdir or '', 'checkpoints')
+  if not workdir or not os.path.isdir(ckpt_dir):
+    raise CheckpointError(
+      f'nothing to evaluate: set config.checkpoint, or --workdir to a training run (no {ckpt_dir})'
+    )
+  ckpt = checkpointing.Checkpointer(ckpt_dir, config.keep_checkpoints)
+  if ckpt.latest_step() is None:
+    raise CheckpointError(f'no checkpoint in {ckpt_dir}')
+  tx = optim.create_optimizer(config, optax.constant_schedule(0.0))  # the structure is all it needs
+  abstract = jax.eval_shape(lambda: create_train_state(params, tx, config.ema_decay > 0))
+  state = ckpt.restore(with_shardings(abstract, sharding.make_mesh(), config.fsdp))
+  ckpt.close()
+  return state.ema_params if state.ema_params is not None else state.params
+
+
+def write_results(results, workdir: str, writer, step: int | None) -> None:
+  """eval_results.json in the workdir (host 0), and the scalars to the metric writer."""
+  if writer is not None:
+    for name, r in results.items():
+      writer.write_scalars(
+        step, {f'eval_{name}/{k}': v for k, v in r.items() if isinstance(v, float)}
+      )
+    writer.flush()
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  flat = {}
+
+  def visit(prefix, value):
+    if isinstance(value, ml_collections.ConfigDict):
+      for k, v in value.items():
+        visit(f'{prefix}{k}.', v)
+    else:
+      flat[prefix[:-1]] = value if isinstance(value, int | float | str | bool) else str(value)
+
+  visit('', config)
+  return flat

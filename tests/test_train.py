@@ -1,0 +1,191 @@
+"""Training and evaluation on the embedded digits with a tiny ViT: numbers, sharding, resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow as tf
+from flax import nnx
+from tensorboard.backend.event_processing import event_accumulator
+
+from ats_jax import input_pipeline, optim, sharding, train
+from configs import digits_ats
+
+ENV = {'JAX_PLATFORMS': 'cpu', 'PATH': os.environ.get('PATH', ''), 'TF_CPP_MIN_LOG_LEVEL': '3'}
+
+
+def tiny_config(**changes):
+  config = digits_ats.get_config()
+  config.model_overrides.update(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+  config.ats_blocks = (1,)
+  config.num_tokens = (17.0,)
+  config.batch_size = config.eval_batch_size = 32
+  config.num_steps = 6
+  config.warmup_epochs = 0.1
+  config.checkpoint_every_steps = 2
+  config.keep_checkpoints = 10
+  config.log_every_steps = 1
+  for key, value in changes.items():
+    config[key] = value
+  return config
+
+
+@pytest.mark.parametrize('mixing', [False, True], ids=['smoothing', 'mixup_cutmix_smoothing'])
+def test_train_step_lowers_the_loss_on_a_fixed_batch(mixing):
+  config = tiny_config()
+  config.aug.mixup, config.aug.cutmix = (0.8, 1.0) if mixing else (0.0, 0.0)
+  model = train.build_model(config, num_classes=10)
+  graphdef, params = nnx.split(model)
+  schedule = optax.constant_schedule(3e-3)
+  tx = optim.create_optimizer(config, schedule)
+  state = train.create_train_state(params, tx, ema=False)
+  batch = next(input_pipeline.train_batches(config, image_size=16))
+  step = jax.jit(
+    lambda s, b: train.train_step(
+      s, b, graphdef=graphdef, tx=tx, schedule=schedule, config=config, num_classes=10
+    )
+  )
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 30
+  if mixing:  # targets change every step and cap how low the loss can go
+    assert np.mean(losses[-5:]) < 0.95 * np.mean(losses[:5]), losses
+  else:
+    assert losses[-1] < 0.7 * losses[0] and np.all(np.diff(losses[:10]) < 0), losses
+
+
+def test_evaluation_counts_every_example_once_with_a_partial_last_batch():
+  config = tiny_config(eval_batch_size=64)  # 360 = 5 x 64 + 40
+  model = train.build_model(config, num_classes=10)
+  model.eval()
+  graphdef, params = nnx.split(model)
+  mesh = sharding.make_mesh()
+  result = train.evaluate(config, graphdef, params, mesh, 16, ats_blocks=(1,))
+  logits, labels, kept = [], [], []  # the same by hand, batch by batch, dropping the padding
+  for batch in input_pipeline.eval_batches(config, image_size=16):
+    out, stats = model(jnp.asarray(batch['image']), return_stats=True)
+    logits.append(np.asarray(out)[batch['mask']])
+    labels.append(batch['label'][batch['mask']])
+    kept.append(np.asarray(stats['kept_tokens'])[batch['mask'], 1])
+  logits, labels = np.concatenate(logits), np.concatenate(labels)
+  assert result['examples'] == len(labels) == 360
+  assert result['top1'] == pytest.approx(np.mean(logits.argmax(-1) == labels))
+  top5 = np.argsort(-logits, axis=-1)[:, :5]
+  assert result['top5'] == pytest.approx(np.mean((top5 == labels[:, None]).any(-1)))
+  assert result['kept_tokens'] == {1: pytest.approx(np.concatenate(kept).mean(), abs=0.01)}
+
+
+def run_main(workdir, *overrides: str, devices: int = 1) -> subprocess.Popen:
+  """main.py training the tiny config in a subprocess with `devices` simulated CPU devices."""
+  args = [f'--config.{k}' for k in TINY_FLAGS] + list(overrides)
+  env = ENV | {'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  return subprocess.Popen(
+    [sys.executable, 'main.py', '--config=configs/digits_ats.py', f'--workdir={workdir}', *args],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+  )
+
+
+TINY_FLAGS = [
+  'model_overrides.img_size=16',
+  'model_overrides.patch_size=4',
+  'model_overrides.embed_dim=32',
+  'model_overrides.depth=2',
+  'model_overrides.num_heads=2',
+  'ats_blocks=(1,)',
+  'num_tokens=(17.,)',
+  'batch_size=32',
+  'eval_batch_size=32',
+  'num_steps=6',
+  'warmup_epochs=0.1',
+  'checkpoint_every_steps=2',
+  'keep_checkpoints=10',
+  'log_every_steps=1',
+]
+
+
+def finish(proc: subprocess.Popen) -> tuple[str, str]:
+  """stdout and stderr of a run that must succeed."""
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  return out, err
+
+
+def losses(workdir) -> list[float]:
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={'tensors': 0})
+  acc.Reload()
+  if 'train/loss' not in acc.Tags()['tensors']:
+    return []
+  return [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors('train/loss')]
+
+
+def final_params(config, workdir):
+  params = nnx.split(nnx.eval_shape(lambda: train.build_model(config, num_classes=10)))[1]
+  return jax.tree.map(np.asarray, train.restore_params(config, str(workdir), params))
+
+
+def test_eight_devices_train_as_one(tmp_path):
+  one, eight = run_main(tmp_path / 'one'), run_main(tmp_path / 'eight', devices=8)
+  (out_one, _), (out_eight, _) = finish(one), finish(eight)
+  assert '| ats |' in out_one and '| dense |' in out_one and '| ats |' in out_eight
+  a, b = losses(tmp_path / 'one'), losses(tmp_path / 'eight')
+  assert len(a) == 6 and a[0] > a[-1]
+  np.testing.assert_allclose(b, a, rtol=1e-5)
+  pa, pb = (
+    final_params(tiny_config(), tmp_path / 'one'),
+    final_params(tiny_config(), tmp_path / 'eight'),
+  )
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6), pa, pb)
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(tmp_path):
+  finish(run_main(tmp_path / 'whole'))  # checkpoints at steps 2, 4, 6
+  shutil.copytree(tmp_path / 'whole', tmp_path / 'killed')
+  ckpts = tmp_path / 'killed' / 'checkpoints'
+  for step in ('4', '6'):  # as if killed during step 5, mid-way through writing step 4's save
+    shutil.rmtree(ckpts / step)
+  (ckpts / '4.orbax-checkpoint-tmp-1').mkdir()
+  os.remove(tmp_path / 'killed' / 'eval_results.json')
+  finish(run_main(tmp_path / 'killed'))
+  whole, resumed = (
+    final_params(tiny_config(), tmp_path / 'whole'),
+    final_params(tiny_config(), tmp_path / 'killed'),
+  )
+  jax.tree.map(np.testing.assert_array_equal, whole, resumed)
+  assert (tmp_path / 'killed' / 'eval_results.json').exists()
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path):
+  proc = run_main(tmp_path, '--config.num_steps=100000', '--config.checkpoint_every_steps=100000')
+  try:
+    deadline = time.time() + 120
+    while not list(tmp_path.glob('events.out.tfevents*')) or not losses(tmp_path):
+      assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+      time.sleep(0.5)
+  except BaseException:
+    proc.kill()  # leave nothing running when the test fails
+    raise
+  proc.send_signal(signal.SIGTERM)
+  out, err = finish(proc)
+  assert '| ats |' not in out and 'rerun the same command to resume' in err  # no evaluation
+  config = tiny_config()
+  ckpt = train.checkpointing.Checkpointer(tmp_path / 'checkpoints', 10)
+  step = ckpt.latest_step()
+  ckpt.close()
+  assert step is not None and 0 < step < 100000
+  params = final_params(config, tmp_path)
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
