@@ -18,8 +18,12 @@ import tensorflow as tf
 from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
 
+import convert.__main__ as convert_cli
 from ats_jax import input_pipeline, optim, sharding, train
+from ats_jax.models import vit
 from configs import digits_ats
+from tests.conftest import random_timm_model
+from tests.test_parity import save
 
 ENV = {'JAX_PLATFORMS': 'cpu', 'PATH': os.environ.get('PATH', ''), 'TF_CPP_MIN_LOG_LEVEL': '3'}
 
@@ -189,3 +193,32 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path):
   assert step is not None and 0 < step < 100000
   params = final_params(config, tmp_path)
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize('fmt', ['converted', 'deit_pth'])
+def test_init_from_loads_pretrained_weights_and_reinitialises_another_head(tmp_path, fmt):
+  """Fine-tuning an ImageNet DeiT-T (1000 classes) on digits: all but the head come from timm."""
+  reference = random_timm_model('deit_tiny_patch16_224', seed=3)
+  path = save(reference, tmp_path / 'w', 'deit_pth')
+  if fmt == 'converted':
+    assert convert_cli.main([path, str(tmp_path / 'ckpt')]) == 0
+    path = str(tmp_path / 'ckpt')
+  config = digits_ats.get_config()
+  config.model_overrides = {}
+  fresh = train.build_model(config, num_classes=10)
+  model = train.build_model(config, num_classes=10)
+  train.init_from(model, path, 'deit_tiny_patch16_224')
+  got = {k: np.asarray(v[...]) for k, v in vit.param_dict(model).items()}
+  timm_sd = {k: v.numpy() for k, v in reference.state_dict().items()}
+  np.testing.assert_array_equal(
+    got['blocks.5.mlp.fc1.kernel'], timm_sd['blocks.5.mlp.fc1.weight'].T
+  )
+  np.testing.assert_array_equal(got['pos_embed'], timm_sd['pos_embed'])
+  assert got['head.kernel'].shape == (192, 10)
+  np.testing.assert_array_equal(got['head.kernel'], np.asarray(fresh.head.kernel[...]))
+
+
+def test_a_batch_size_the_devices_do_not_divide_is_refused(monkeypatch):
+  monkeypatch.setattr(jax, 'device_count', lambda: 8)
+  with pytest.raises(ValueError, match='config.batch_size=36 is not divisible by the 8 devices'):
+    train.check_batch_sizes(tiny_config(batch_size=36))
