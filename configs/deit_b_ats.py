@@ -3,7 +3,8 @@
 No retraining: the dense DeiT-B checkpoint loads unchanged.
 
   python -m convert deit_base_patch16_224-b5f2ef4d.pth ckpt/deit_b
-  python main.py --config=configs/deit_b_ats.py --config.checkpoint=ckpt/deit_b
+  python main.py --config=configs/deit_b_ats.py --config.mode=evaluate \
+    --config.checkpoint=ckpt/deit_b --config.data.data_dir=DATA
 """
 
 from configs import deit_s_ats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -170,7 +171,19 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(tmp_path
     final_params(tiny_config(), tmp_path / 'killed'),
   )
   jax.tree.map(np.testing.assert_array_equal, whole, resumed)
-  assert (tmp_path / 'killed' / 'eval_results.json').exists()
+  expected = json.loads((tmp_path / 'whole' / 'eval_results.json').read_text())
+  assert (
+    json.loads((tmp_path / 'killed' / 'eval_results.json').read_text())['ats']['top1']
+    == (expected['ats']['top1'])
+  )
+  # mode=evaluate on the run's workdir reads its latest state: the same numbers again
+  os.remove(tmp_path / 'killed' / 'eval_results.json')
+  finish(run_main(tmp_path / 'killed', '--config.mode=evaluate'))
+  again = json.loads((tmp_path / 'killed' / 'eval_results.json').read_text())
+  for name in ('ats', 'dense'):
+    assert {k: v for k, v in again[name].items() if k != 'images_per_sec'} == {
+      k: v for k, v in expected[name].items() if k != 'images_per_sec'
+    }
 
 
 def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path):
