@@ -39,6 +39,7 @@ def describe(config: ml_collections.ConfigDict) -> None:
     dtype=jnp.dtype(config.dtype),
     ats_blocks=tuple(config.ats_blocks),
     num_tokens=tuple(config.num_tokens),
+    bucket_size=config.bucket_size,
     **config.model_overrides,
   )
   model.eval()

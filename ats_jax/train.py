@@ -48,6 +48,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, **overrides
     dtype=jnp.dtype(config.dtype),
     ats_blocks=tuple(config.ats_blocks),
     num_tokens=tuple(config.num_tokens),
+    bucket_size=config.bucket_size,
     **config.model_overrides,
   )
   return create_model(config.model, seed=config.seed, **kwargs | overrides)

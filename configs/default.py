@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ''  # train: fine-tune from these weights (same formats); '' = from scratch
   config.ats_blocks = ()  # indices of the blocks whose attention samples tokens; () = dense
   config.num_tokens = (197.0,)  # cap K per ATS block (one for all, or one each); <= 1 is a ratio
+  config.bucket_size = 16  # after ATS, blocks run on multiples of this many tokens; 0 = padded
   config.dtype = 'float32'  # computation dtype; 'bfloat16' on accelerators. Params stay float32.
 
   # Data (`ats_jax/input_pipeline.py`).

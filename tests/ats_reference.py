@@ -23,12 +23,15 @@ def gelu(x):
 
 
 def masked_softmax(logits, m):
-  """Spec 'Masked attention' step 3: logits [H, N, N], m [N]."""
-  n = logits.shape[-1]
-  e = np.exp(logits - logits.max(-1, keepdims=True))
-  visible = m[None, :] + (1 - m[None, :]) * np.eye(n)
-  e = e * visible
-  return (e + EPS / n) / (e.sum(-1, keepdims=True) + EPS)
+  """Spec 'Masked attention' step 3 for the image alone: logits [H, N, N], m [N].
+
+  Alone (batch size 1) the original has no padded keys: its row max and `eps / N` see only the
+  image's own m.sum() tokens, so padded slots here must not enter either.
+  """
+  real = m > 0
+  visible = real[None, :] | np.eye(len(m), dtype=bool)
+  e = np.exp(logits - np.where(visible, logits, -np.inf).max(-1, keepdims=True)) * visible
+  return (e + EPS / real.sum()) / (e.sum(-1, keepdims=True) + EPS)
 
 
 def sample(scores, real, grid_size, max_kept):
@@ -100,7 +103,8 @@ def ats_block(p, x, m, num_heads, cap, num_prefix, grid_size):
 
 
 def model_logits(params, tokens, num_heads, caps, num_prefix):
-  """Blocks, final norm and head for one image. tokens [N0, C] (embedded); caps {block: K}.
+  """Blocks, final norm and head for one image alone, as the original runs it at batch size 1:
+  no padded token ever. tokens [N0, C] (embedded); caps {block: K}.
 
   Returns the logits and the kept token count of every block.
   """
@@ -108,9 +112,10 @@ def model_logits(params, tokens, num_heads, caps, num_prefix):
   depth = 1 + max(int(k.split('.')[1]) for k in params if k.startswith('blocks.'))
   for i in range(depth):
     p = {k.split('.', 2)[2]: v for k, v in params.items() if k.startswith(f'blocks.{i}.')}
-    if i in caps:
+    if i in caps:  # then cut to the kept tokens, as the original does for an image alone
       m = np.ones(len(x)) if m is None else m
       x, m, _ = ats_block(p, x, m, num_heads, caps[i], num_prefix, len(tokens) - num_prefix)
+      x, m = x[m > 0], m[m > 0]
     else:
       x = plain_block(p, x, m, num_heads)
     kept.append(len(x) if m is None else int(m.sum()))

@@ -72,9 +72,13 @@ def sampling_plan(
 
 
 def ats_block(block, x: jax.Array, mask: jax.Array | None, sampling: Sampling):
-  """One ATS block: x [B, N, C], mask [B, N] or None -> x [B, K, C], mask [B, K] (kept first)."""
+  """One ATS block: x [B, N, C], mask [B, N] or None -> x [B, K, C], mask [B, K] (kept first).
+
+  K is the cap, or N when fewer slots come in (a compacted run, `ats_jax.models.compact`).
+  """
   b, n, _ = x.shape
   p = sampling.num_prefix_tokens
+  cap = min(sampling.cap, n)
   mask = jnp.ones((b, n), jnp.float32) if mask is None else mask.astype(jnp.float32)
   q, k, v = block.attn.qkv_heads(block.norm1(x))  # [B, N, H, d]
   token_mask = mask[:, :, None, None].astype(q.dtype)
@@ -83,7 +87,7 @@ def ats_block(block, x: jax.Array, mask: jax.Array | None, sampling: Sampling):
 
   scores = token_sampling.token_scores(attn[:, :, 0], v, p)  # [B, N - P]
   picked, valid = token_sampling.sample_tokens(
-    scores, mask[:, p:] > 0, sampling.grid_size, sampling.cap - p
+    scores, mask[:, p:] > 0, sampling.grid_size, cap - p
   )
   rows = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), picked + p], axis=1)  # [B, K]
   new_mask = jnp.concatenate([jnp.ones((b, p), bool), valid], axis=1).astype(jnp.float32)

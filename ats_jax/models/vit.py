@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ats_jax import flops
-from ats_jax.models import ats
+from ats_jax.models import ats, compact
 from ats_jax.models.registry import ViTSpec
 from ats_jax.ops import attention as attention_ops
 
@@ -123,7 +123,12 @@ class Block(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-  """ViT/DeiT classifier. Distilled variants add `dist_token` and `head_dist`, averaged at eval."""
+  """ViT/DeiT classifier. Distilled variants add `dist_token` and `head_dist`, averaged at eval.
+
+  `ats_blocks`/`num_tokens` turn on ATS (`ats_jax.models.ats`); `bucket_size` > 0 runs the blocks
+  after the first ATS block on the fewest tokens that hold the batch's (`ats_jax.models.compact`),
+  0 on the full padded shapes. Both give the same predictions.
+  """
 
   def __init__(
     self,
@@ -138,6 +143,7 @@ class VisionTransformer(nnx.Module):
     distilled: bool = False,
     ats_blocks: Sequence[int] = (),
     num_tokens: float | Sequence[float] = 197,
+    bucket_size: int = 16,
     dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -152,6 +158,9 @@ class VisionTransformer(nnx.Module):
     plan = ats.sampling_plan(
       depth, num_patches + self.num_prefix_tokens, self.num_prefix_tokens, ats_blocks, num_tokens
     )
+    if bucket_size < 0:
+      raise ValueError(f'bucket_size must be >= 0 (0: padded execution), got {bucket_size}')
+    self.bucket_size = bucket_size
     self.dtype = dtype
     self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype=dtype, rngs=rngs)
     tok_init = nnx.initializers.truncated_normal(0.02)
@@ -199,8 +208,12 @@ class VisionTransformer(nnx.Module):
     x = self.embed(images.astype(self.dtype))  # [B, N0, C]
     mask = None
     kept = []
-    for block in self.blocks:
-      x, mask = block(x, mask)  # ATS blocks shrink x to their cap; `mask` marks the real tokens
+    for block in self.blocks:  # ATS blocks shrink x to their cap; `mask` marks the real tokens
+      if mask is None or not self.bucket_size:
+        x, mask = block(x, mask)
+      else:  # after the first ATS block: run on the fewest slots that hold the batch's tokens
+        out = x.shape[1] if block.sampling is None else block.sampling.cap
+        x, mask = compact.run_compacted(block, x, mask, self.bucket_size, out)
       kept.append(jnp.full(x.shape[0], x.shape[1]) if mask is None else mask.sum(-1))
     logits = self.head_logits(x)
     if not return_stats:

@@ -26,12 +26,20 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None)
 
 
 def masked_softmax(logits: jax.Array, mask: jax.Array, eps: float = SOFTMAX_EPS) -> jax.Array:
-  """The reference's masked softmax: logits [B, H, N, N], mask [B, N] (1 = real key)."""
+  """The reference's masked softmax: logits [B, H, N, N], mask [B, N] (1 = real key).
+
+  Per image, as the original computes it for the image alone (batch size 1, where it cuts every
+  tensor to the image's own tokens): padded keys neither shift the row max nor count in the
+  `eps / N` term, N being the image's own token count. So padding, however long, changes nothing:
+  the padded and the compacted execution and any batch give the same numbers.
+  """
   n = logits.shape[-1]
   mask = mask.astype(jnp.float32)
   visible = mask[:, None, None, :] + (1.0 - mask[:, None, None, :]) * jnp.eye(n, dtype=jnp.float32)
-  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * visible
-  return (e + eps / n) / (jnp.sum(e, axis=-1, keepdims=True) + eps)
+  row_max = jnp.max(jnp.where(visible > 0, logits, -jnp.inf), axis=-1, keepdims=True)
+  e = jnp.exp(logits - row_max) * visible
+  own = jnp.sum(mask, axis=-1)[:, None, None, None]  # [B, 1, 1, 1] the image's token count
+  return (e + eps / own) / (jnp.sum(e, axis=-1, keepdims=True) + eps)
 
 
 def attend(weights: jax.Array, v: jax.Array) -> jax.Array:
