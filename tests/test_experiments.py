@@ -7,18 +7,19 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ats_jax import flops
 from ats_jax.models import get_spec
 
 
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+def run_module(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
   proc = subprocess.run(
     [sys.executable, '-m', module, *args],
     capture_output=True,
     text=True,
     check=False,
-    env={'JAX_PLATFORMS': 'cpu', 'PATH': '', 'TF_CPP_MIN_LOG_LEVEL': '3'},
+    env={'JAX_PLATFORMS': 'cpu', 'PATH': '', 'TF_CPP_MIN_LOG_LEVEL': '3', **env},
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
@@ -37,3 +38,29 @@ def test_token_stats_reports_fewer_tokens_for_peaked_attention(tmp_path):
     assert kept[:3] == [197, 197, 197] and (np.diff(kept) <= 0).all()
     assert f'{row["gflops"]:.2f} |' in proc.stdout
   assert peaked['gflops'] < random['gflops'] < result['dense_gflops']
+
+
+def test_benchmark_rows_and_their_numbers_agree(tmp_path):
+  name = 'deit_tiny_patch16_224'
+  proc = run_module(
+    'experiments.benchmark',
+    f'--models={name}',
+    '--batch_sizes=2',
+    '--repeats=1',
+    '--peak=4',
+    f'--json={tmp_path / "b.json"}',
+    JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+  )  # fmt: skip  (timings are not asserted: compile fast)
+  rows = json.loads((tmp_path / 'b.json').read_text())['rows']
+  impls = ['jax dense', 'jax ATS padded', 'jax ATS compacted', 'jax dense @ ATS tokens',
+           'timm dense', 'vit-pytorch ATS']  # fmt: skip
+  assert [(r['batch'], r['impl']) for r in rows] == [(b, i) for b in (2,) for i in impls]
+  by = {(r['batch'], r['impl']): r for r in rows}
+  for b in (2,):
+    assert by[(b, 'jax dense')]['gflops'] == pytest.approx(flops.dense_gflops(get_spec(name)))
+    assert by[(b, 'jax dense')]['kept_tokens'] == 197
+    padded, compacted = by[(b, 'jax ATS padded')], by[(b, 'jax ATS compacted')]
+    assert compacted['kept_tokens'] == padded['kept_tokens'] < 197  # same tokens, either way
+    assert compacted['gflops'] == pytest.approx(padded['gflops'])
+    assert all(by[(b, i)]['images_per_sec'] > 0 for i in impls)
+  assert proc.stdout.count(f'| {name} |') == len(rows)

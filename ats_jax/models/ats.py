@@ -71,10 +71,12 @@ def sampling_plan(
   return plan
 
 
-def ats_block(block, x: jax.Array, mask: jax.Array | None, sampling: Sampling):
-  """One ATS block: x [B, N, C], mask [B, N] or None -> x [B, K, C], mask [B, K] (kept first).
+def sample_rows(block, x: jax.Array, mask: jax.Array | None, sampling: Sampling):
+  """The block's attention and the input rows it keeps (prefix tokens, then the picks).
 
-  K is the cap, or N when fewer slots come in (a compacted run, `ats_jax.models.compact`).
+  x [B, N, C], mask [B, N] or None -> rows [B, K] into x, their mask [B, K] float, attention
+  [B, H, N, N] float32 and values [B, N, H, d]. K is the cap, or N when fewer slots come in (a
+  compacted run, `ats_jax.models.compact`).
   """
   b, n, _ = x.shape
   p = sampling.num_prefix_tokens
@@ -86,12 +88,15 @@ def ats_block(block, x: jax.Array, mask: jax.Array | None, sampling: Sampling):
   attn = attention_ops.attention_weights(q, k, mask)  # [B, H, N, N] float32
 
   scores = token_sampling.token_scores(attn[:, :, 0], v, p)  # [B, N - P]
-  picked, valid = token_sampling.sample_tokens(
-    scores, mask[:, p:] > 0, sampling.grid_size, cap - p
-  )
+  picked, valid = token_sampling.sample_tokens(scores, mask[:, p:] > 0, sampling.grid_size, cap - p)
   rows = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), picked + p], axis=1)  # [B, K]
   new_mask = jnp.concatenate([jnp.ones((b, p), bool), valid], axis=1).astype(jnp.float32)
+  return rows, new_mask, attn, v
 
+
+def ats_block(block, x: jax.Array, mask: jax.Array | None, sampling: Sampling):
+  """One ATS block: x [B, N, C], mask [B, N] or None -> x [B, K, C], mask [B, K] (kept first)."""
+  rows, new_mask, attn, v = sample_rows(block, x, mask, sampling)
   attn_kept = jnp.take_along_axis(attn, rows[:, None, :, None], axis=2)  # [B, H, K, N]
   attn_kept = attn_kept * new_mask[:, None, :, None]
   x_att = attention_ops.apply_mask(block.attn.proj(attention_ops.attend(attn_kept, v)), new_mask)

@@ -1,0 +1,198 @@
+"""Which image patches each ATS block keeps, drawn as in the paper's teaser figure.
+
+One row per image: the image the model sees, then per ATS block the same image with the patches it
+dropped greyed out, titled with the tokens it kept (cls included, as `stats['kept_tokens']`).
+
+  python -m experiments.visualize_tokens  # the demo's model (workdir/digits), six eval digits
+  python -m experiments.visualize_tokens --config=configs/deit_s_ats.py --checkpoint=ckpt/deit_s
+  python -m experiments.visualize_tokens --images=a.jpg,b.png --out=/tmp/tokens --json=/tmp/t.json
+
+Images default to the eval split for the digits model and to scikit-learn's two sample photos
+otherwise. The kept patches are traced with the function each ATS block picks its rows with
+(`ats_jax.models.ats.sample_rows`), running the model block by block (padded execution); the script
+checks the traced counts against the model's own stats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+from flax import nnx
+from sklearn.datasets import load_sample_images
+
+from ats_jax import input_pipeline, preprocessing
+from ats_jax.models import ats, vit
+from experiments import trained
+
+matplotlib.use('Agg')
+from matplotlib import pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+PANEL_INCHES = 1.6  # each panel is PANEL_INCHES * DPI pixels square: the PNG size is exact
+DPI = 100
+FLAGS = flags.FLAGS
+DROPPED_GREY = 0.5  # dropped patches are blended towards this grey
+DROPPED_ALPHA = 0.75
+
+
+@nnx.jit
+def trace_tokens(model: vit.VisionTransformer, images: jax.Array) -> dict:
+  """Runs the model block by block, following each slot's original token.
+
+  Returns 'kept_ids': per ATS block the original token index of each output slot [B, K] (-1 for
+  padding; index - num_prefix_tokens is the patch, row-major), 'logits' of this block-by-block run,
+  and the model's own 'model_logits' and 'model_kept_tokens' [B, depth] to check the trace with.
+  """
+  model_logits, stats = model(images, return_stats=True)
+  x = model.embed(images.astype(model.dtype))  # [B, N0, C]
+  ids = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # [B, N0]
+  mask, kept_ids = None, []
+  for block in model.blocks:
+    if block.sampling is not None:
+      rows, valid, _, _ = ats.sample_rows(block, x, mask, block.sampling)  # as the block does
+      ids = jnp.where(valid > 0, jnp.take_along_axis(ids, rows, axis=1), -1)  # [B, K]
+      kept_ids.append(ids)
+    x, mask = block(x, mask)
+  return {
+    'kept_ids': kept_ids,
+    'logits': model.head_logits(x),
+    'model_logits': model_logits,
+    'model_kept_tokens': stats['kept_tokens'],
+  }
+
+
+def load_images(paths: list[str], size: int, crop_pct: float) -> np.ndarray:
+  """Image files, eval-preprocessed as the model's data: [B, S, S, 3] normalised."""
+  out = []
+  for path in paths:
+    try:
+      image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError:
+      raise ValueError(f'{path} is not an image TensorFlow can decode') from None
+    out.append(preprocessing.eval_image(image, size, crop_pct).numpy())
+  return np.stack(out)
+
+
+def default_images(config, size: int, count: int) -> tuple[np.ndarray, list[str]]:
+  """Digits: the first eval image of each class; other data: scikit-learn's sample photos."""
+  if config.data.name != 'digits':
+    photos = load_sample_images()
+    crop = config.data.crop_pct
+    images = [preprocessing.eval_image(tf.constant(p), size, crop).numpy() for p in photos.images]
+    names = [os.path.splitext(os.path.basename(f))[0] for f in photos.filenames]
+    return np.stack(images)[:count], names[:count]
+  batch = next(input_pipeline.eval_batches(config, image_size=size))
+  first = {}
+  for i, label in enumerate(batch['label'][batch['mask']]):
+    first.setdefault(int(label), i)
+  picks = [first[label] for label in sorted(first)][:count]  # digits 0, 1, 2, ...
+  return batch['image'][picks], [f'digit {batch["label"][i]}' for i in picks]
+
+
+def patch_keep_map(ids: np.ndarray, prefix: int, grid: int) -> np.ndarray:
+  """Kept token ids of one image [K] -> a bool [grid, grid] map of the patches kept."""
+  keep = np.zeros(grid * grid, bool)
+  keep[ids[ids >= prefix] - prefix] = True
+  return keep.reshape(grid, grid)
+
+
+def draw(images, names, kept_ids, counts, blocks, model, path: str) -> None:
+  """One row per image: the input, then per ATS block the kept patches (dropped ones greyed)."""
+  shown = np.clip(images * preprocessing.IMAGENET_STD + preprocessing.IMAGENET_MEAN, 0, 1)
+  grid, patch = model.img_size // model.spec.patch_size, model.spec.patch_size
+  rows, cols = len(images), 1 + len(blocks)
+  fig, axes = plt.subplots(
+    rows, cols, figsize=(cols * PANEL_INCHES, rows * PANEL_INCHES), dpi=DPI, squeeze=False
+  )
+  for r in range(rows):
+    panels = [(shown[r], names[r])]
+    for j, block in enumerate(blocks):
+      keep = patch_keep_map(kept_ids[j][r], model.num_prefix_tokens, grid)
+      keep = np.repeat(np.repeat(keep, patch, 0), patch, 1)[..., None]  # [S, S, 1]
+      grey = (1 - DROPPED_ALPHA) * shown[r] + DROPPED_ALPHA * DROPPED_GREY
+      panels.append((np.where(keep, shown[r], grey), f'block {block}: {counts[r, j]} kept'))
+    for ax, (image, title) in zip(axes[r], panels, strict=True):
+      ax.imshow(image, interpolation='nearest')  # digits stay crisp when scaled up
+      ax.set_title(title, fontsize=8)
+      ax.axis('off')
+  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.05, hspace=0.2)
+  fig.savefig(path, dpi=DPI)  # no bbox_inches='tight': the size stays figsize * DPI
+  plt.close(fig)
+
+
+def run(
+  config, workdir: str | None, checkpoint: str | None, paths: list[str], count: int, png: str
+) -> dict:
+  """Traces, checks against the model's stats, draws to `png`; returns what `--json` writes."""
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:  # before the model loads: a typo should not cost a restore
+    raise FileNotFoundError(f'no such image file: {", ".join(missing)}')
+  model = trained.trained_model(config, workdir, checkpoint)
+  if paths:
+    images = load_images(paths, model.img_size, config.data.crop_pct)
+    names = [os.path.basename(p) for p in paths]
+  else:
+    images, names = default_images(config, model.img_size, count)
+  blocks = [i for i, b in enumerate(model.blocks) if b.sampling is not None]
+  if not blocks:
+    raise ValueError('the model has no ATS block: set --config.ats_blocks')
+  traced = jax.device_get(trace_tokens(model, jnp.asarray(images)))
+  kept_ids = traced['kept_ids']
+  counts = np.stack([(ids >= 0).sum(-1) for ids in kept_ids], axis=1)  # [B, ATS blocks]
+  model_counts = traced['model_kept_tokens'][:, blocks]
+  if not np.array_equal(counts, model_counts):
+    raise AssertionError(f'traced kept tokens {counts} differ from the model {model_counts}')
+  os.makedirs(os.path.dirname(png) or '.', exist_ok=True)
+  draw(images, names, kept_ids, counts, blocks, model, png)
+  return {
+    'png': png,
+    'ats_blocks': blocks,
+    'images': names,
+    'kept_tokens': counts.tolist(),
+    'model_kept_tokens': model_counts.tolist(),
+    'kept_token_ids': [
+      [ids[r][ids[r] >= 0].tolist() for ids in kept_ids] for r in range(len(names))
+    ],
+  }
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  try:
+    result = run(
+      FLAGS.config,
+      FLAGS.workdir,
+      FLAGS.checkpoint or FLAGS.config.checkpoint,
+      FLAGS.images,
+      FLAGS.num_images,
+      os.path.join(FLAGS.out, f'{FLAGS.name}.png'),
+    )
+  except trained.ERRORS as e:
+    sys.exit(f'error: {e}')
+  print(f'| image | {" | ".join(f"block {b}" for b in result["ats_blocks"])} |')
+  print(f'|---|{"---:|" * len(result["ats_blocks"])}')
+  for name, counts in zip(result['images'], result['kept_tokens'], strict=True):
+    print(f'| {name} | {" | ".join(map(str, counts))} |')
+  print(f'\nwrote {result["png"]}')
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump(result, f, indent=2)
+
+
+def define_flags() -> None:
+  trained.define_flags('experiments/results', 'Directory for the PNG.')
+  flags.DEFINE_list('images', [], 'Image files; default: eval digits or sample photos.')
+  flags.DEFINE_integer('num_images', 6, 'Default images to draw (digits: one of each class).')
+  flags.DEFINE_string('name', 'tokens', 'File name of the PNG in --out, without .png.')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
