@@ -110,7 +110,7 @@ def bench_jax(name: str, impl: str, forward, model: nnx.Module, images: jax.Arra
     kept, gflops = float(np.mean(stats['kept_tokens'])), float(np.mean(stats['gflops']))
   b = images.shape[0]
   return Row(
-    name, b, impl, b / median, 1e3 * median, first - median, jax_peak_mem_mb(), kept, gflops
+    name, b, impl, b / median, 1e3 * median, max(first - median, 0.0), jax_peak_mem_mb(), kept, gflops
   )
 
 
@@ -152,7 +152,7 @@ def bench_torch(name: str, impl: str, model: torch.nn.Module, images: np.ndarray
   first, median = median_seconds(run, repeats)
   mem = torch.cuda.max_memory_allocated() / 2**20 if device == 'cuda' else None
   b = images.shape[0]
-  return Row(name, b, impl, b / median, 1e3 * median, first - median, mem, None, None)
+  return Row(name, b, impl, b / median, 1e3 * median, max(first - median, 0.0), mem, None, None)
 
 
 def vit_pytorch_ats(reference: torch.nn.Module, kept_per_block: list[float]) -> torch.nn.Module:
