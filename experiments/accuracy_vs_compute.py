@@ -17,7 +17,6 @@ inclusive ranges (`1,2,3` = `1-3`); CAPS is the cap K of every ATS block or one 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -232,10 +231,7 @@ def main(argv: list[str]) -> None:
     f'({result["examples"]} images), no fine-tuning; dense {result["dense_gflops"]:.4g} GFLOPs\n'
   )
   print(markdown(result))
-  print(f'\nwrote {result["png"]}')
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump(result, f, indent=2)
+  trained.report_files(result, FLAGS.json)
 
 
 def define_flags() -> None:

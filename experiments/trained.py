@@ -6,6 +6,7 @@ Both scripts take the same inputs as `main.py`: `--config` (with `--config.x=...
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax.numpy as jnp
@@ -70,3 +71,11 @@ def trained_model(
     model = nnx.merge(graphdef, params)
   model.eval()
   return model
+
+
+def report_files(result: dict, json_path: str | None) -> None:
+  """Says where the PNG went; writes the result as JSON too when asked."""
+  print(f'\nwrote {result["png"]}')
+  if json_path:
+    with open(json_path, 'w') as f:
+      json.dump(result, f, indent=2)

@@ -15,7 +15,6 @@ checks the traced counts against the model's own stats.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -180,10 +179,7 @@ def main(argv: list[str]) -> None:
   print(f'|---|{"---:|" * len(result["ats_blocks"])}')
   for name, counts in zip(result['images'], result['kept_tokens'], strict=True):
     print(f'| {name} | {" | ".join(map(str, counts))} |')
-  print(f'\nwrote {result["png"]}')
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump(result, f, indent=2)
+  trained.report_files(result, FLAGS.json)
 
 
 def define_flags() -> None:

@@ -265,17 +265,7 @@ def base_image(photo: np.ndarray, size: int) -> np.ndarray:
 
 
 def test_train_image_deterministic_per_seed(photo):
-  aug = ml_collections.ConfigDict(
-    dict(
-      random_resized_crop=True,
-      rrc_scale=(0.08, 1.0),
-      hflip=0.5,
-      randaugment_num_ops=2,
-      randaugment_magnitude=9.0,
-      randaugment_mstd=0.5,
-      random_erasing=0.25,
-    )
-  )
+  aug = aug_config(random_resized_crop=True, hflip=0.5, randaugment_num_ops=2, random_erasing=0.25)
   image = tf.constant(photo)
   a = preprocessing.train_image(image, tf.constant([1, 2]), 64, aug).numpy()
   b = preprocessing.train_image(image, tf.constant([1, 2], tf.int64), 64, aug).numpy()
