@@ -143,18 +143,24 @@ def final_params(config, workdir):
   return jax.tree.map(np.asarray, train.restore_params(config, str(workdir), params))
 
 
-def test_eight_devices_train_as_one(tmp_path):
-  one, eight = run_main(tmp_path / 'one'), run_main(tmp_path / 'eight', devices=8)
-  (out_one, _), (out_eight, _) = finish(one), finish(eight)
-  assert '| ats |' in out_one and '| dense |' in out_one and '| ats |' in out_eight
-  a, b = losses(tmp_path / 'one'), losses(tmp_path / 'eight')
-  assert len(a) == 6 and a[0] > a[-1]
-  np.testing.assert_allclose(b, a, rtol=1e-5)
-  pa, pb = (
-    final_params(tiny_config(), tmp_path / 'one'),
-    final_params(tiny_config(), tmp_path / 'eight'),
-  )
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6), pa, pb)
+def test_eight_devices_train_as_one_replicated_or_fsdp(tmp_path):
+  runs = {
+    'one': run_main(tmp_path / 'one'),
+    'eight': run_main(tmp_path / 'eight', devices=8),
+    'fsdp': run_main(tmp_path / 'fsdp', '--config.fsdp=True', devices=8),
+  }
+  outs = {name: finish(proc)[0] for name, proc in runs.items()}
+  assert all('| ats |' in out and '| dense |' in out for out in outs.values())
+  reference = losses(tmp_path / 'one')
+  assert len(reference) == 6 and reference[0] > reference[-1]
+  params = final_params(tiny_config(), tmp_path / 'one')
+  for name in ('eight', 'fsdp'):
+    np.testing.assert_allclose(losses(tmp_path / name), reference, rtol=1e-5, err_msg=name)
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6),
+      params,
+      final_params(tiny_config(), tmp_path / name),
+    )
 
 
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(tmp_path):
