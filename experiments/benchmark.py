@@ -12,6 +12,7 @@ compilation and a warm-up run.
   python -m experiments.benchmark --quick                  # ~2 minutes on 2 CPU cores
   python -m experiments.benchmark --batch_sizes=1,32,128 --json=/tmp/bench.json
   python -m experiments.benchmark --peak=4                 # sharper attention: fewer tokens kept
+  python -m experiments.benchmark --quick --peak=4 --more_buckets=8,32,64  # other ladders
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ from ats_jax.models import compact, create_model, pretrained
 from ats_jax.models.factory import load_params
 
 ATS_BLOCKS = tuple(range(3, 12))  # the original's DeiT-S setting
-BUCKET_SIZE = 16
+BUCKET_SIZE = 16  # the model's default
 _MODELS = flags.DEFINE_list(
   'models', ['deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224'], 'Models.'
 )
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '8', '32'], 'Batch sizes.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per row (the median is reported).')
 _PEAK = flags.DEFINE_float('peak', 0.0, 'Scale the q, k kernels (sharper attention); 0 = as is.')
+_MORE_BUCKETS = flags.DEFINE_list(
+  'more_buckets', [], 'Also time compacted execution with these bucket sizes (e.g. 8,32,64).'
+)
 _QUICK = flags.DEFINE_bool('quick', False, 'deit_tiny at batch 8, deit_small at 32; 3 repeats.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the rows here.')
 
@@ -179,9 +183,10 @@ def bench_model(name: str, batch: int, repeats: int, peak: float) -> list[Row]:
   reference = random_timm(name, peak)
   images = jax.random.normal(jax.random.key(batch), (batch, 224, 224, 3), jnp.float32)
   dense = flax_twin(reference, name)
+  more = [int(b) for b in _MORE_BUCKETS.value]
   ats = {
     size: flax_twin(reference, name, ats_blocks=ATS_BLOCKS, num_tokens=197, bucket_size=size)
-    for size in (0, BUCKET_SIZE)
+    for size in (0, BUCKET_SIZE, *more)
   }
   kept = np.asarray(nnx.jit(with_stats)(ats[BUCKET_SIZE], images)[1]['kept_tokens'])
   tokens = tokens_per_block(kept, dense.pos_embed.shape[1])
@@ -190,6 +195,10 @@ def bench_model(name: str, batch: int, repeats: int, peak: float) -> list[Row]:
     bench_jax(name, 'jax ATS padded', with_stats, ats[0], images, repeats),
     bench_jax(name, 'jax ATS compacted', with_stats, ats[BUCKET_SIZE], images, repeats),
     bench_jax(name, 'jax dense @ ATS tokens', dense_at(tokens), dense, images, repeats),
+    *[
+      bench_jax(name, f'jax ATS compacted, bucket {b}', with_stats, ats[b], images, repeats)
+      for b in more
+    ],
     bench_torch(name, 'timm dense', reference, np.asarray(images), repeats),
   ]
   try:
