@@ -133,14 +133,15 @@ def evaluate(
   mesh: jax.sharding.Mesh,
   image_size: int,
   ats_blocks: tuple[int, ...],
+  num_examples: int,
 ) -> dict[str, Any]:
-  """One pass over the eval split: top-1/5, kept tokens per block, GFLOPs/image, images/s."""
+  """One pass over the eval split (`num_examples` long, for the progress bar): top-1/5, kept
+  tokens per block, GFLOPs/image, images/s."""
   step = jax.jit(
     functools.partial(eval_step, graphdef=graphdef), out_shardings=sharding.replicated(mesh)
   )
   batches = input_pipeline.eval_batches(config, image_size=image_size)
-  info = input_pipeline.dataset_info(config.data)
-  num_batches = math.ceil(info.num_eval_examples / config.eval_batch_size)
+  num_batches = math.ceil(num_examples / config.eval_batch_size)
   totals, seconds, timed_images = None, 0.0, 0
   for i, local in enumerate(batches):
     batch = sharding.global_batch(local, mesh)
@@ -250,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def evaluate_state(step: int) -> dict[str, Any]:
     params = state.ema_params if state.ema_params is not None else state.params
-    results = evaluate_all(config, graphdef, params, mesh, model.img_size, info.num_classes)
+    results = evaluate_all(config, graphdef, params, mesh, model.img_size, info)
     write_results(results, workdir, writer, step)
     return results
 
@@ -278,18 +279,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return evaluate_state(total)
 
 
-def evaluate_all(config, graphdef, params, mesh, image_size, num_classes) -> dict[str, Any]:
+def evaluate_all(
+  config: ml_collections.ConfigDict,
+  graphdef: nnx.GraphDef,
+  params: nnx.State,
+  mesh: jax.sharding.Mesh,
+  image_size: int,
+  info: input_pipeline.DatasetInfo,
+) -> dict[str, Any]:
   """The configured model, and with ATS on also the same weights run dense."""
   ats_blocks = tuple(config.ats_blocks)
-  results = {
-    'ats' if ats_blocks else 'dense': evaluate(
-      config, graphdef, params, mesh, image_size, ats_blocks
-    )
-  }
+  runs = {'ats' if ats_blocks else 'dense': (graphdef, ats_blocks)}
   if ats_blocks:
-    dense = dense_graphdef(config, num_classes)
-    results['dense'] = evaluate(config, dense, params, mesh, image_size, ())
-  return results
+    runs['dense'] = (dense_graphdef(config, info.num_classes), ())
+  return {
+    name: evaluate(config, g, params, mesh, image_size, blocks, info.num_eval_examples)
+    for name, (g, blocks) in runs.items()
+  }
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
@@ -306,7 +312,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None) 
   else:
     params = restore_params(config, workdir, params)
   params = jax.device_put(params, sharding.param_sharding(params, mesh, config.fsdp))
-  results = evaluate_all(config, graphdef, params, mesh, model.img_size, info.num_classes)
+  results = evaluate_all(config, graphdef, params, mesh, model.img_size, info)
   if workdir:
     write_results(results, workdir, None, None)
   return results

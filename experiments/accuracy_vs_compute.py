@@ -93,7 +93,9 @@ def label(setting: Setting) -> str:
   return f'ATS {",".join(runs)} K={"/".join(f"{c:g}" for c in caps)}'
 
 
-def evaluate_settings(config, params, settings, num_classes: int, image_size: int) -> list[dict]:
+def evaluate_settings(
+  config, params, settings, info: input_pipeline.DatasetInfo, image_size: int
+) -> list[dict]:
   """Each setting's eval results (`train.evaluate`), all with the same parameters."""
   mesh = sharding.make_mesh()
   params = jax.device_put(params, sharding.param_sharding(params, mesh, config.fsdp))
@@ -101,10 +103,14 @@ def evaluate_settings(config, params, settings, num_classes: int, image_size: in
   for setting in settings:
     blocks, caps = setting
     abstract = nnx.eval_shape(
-      lambda b=blocks, c=caps: train.build_model(config, num_classes, ats_blocks=b, num_tokens=c)
+      lambda b=blocks, c=caps: train.build_model(
+        config, info.num_classes, ats_blocks=b, num_tokens=c
+      )
     )
     graphdef = nnx.split(abstract)[0]
-    result = train.evaluate(config, graphdef, params, mesh, image_size, blocks)
+    result = train.evaluate(
+      config, graphdef, params, mesh, image_size, blocks, info.num_eval_examples
+    )
     rows.append({'setting': label(setting), 'ats_blocks': list(blocks), 'num_tokens': list(caps)})
     rows[-1].update(result)
   return rows
@@ -181,7 +187,7 @@ def run(
   )
   if DENSE not in settings:
     settings.insert(0, DENSE)  # the reference every row is compared with
-  rows = evaluate_settings(config, nnx.state(model), settings, info.num_classes, model.img_size)
+  rows = evaluate_settings(config, nnx.state(model), settings, info, model.img_size)
   dense_gflops = next(r['gflops'] for r in rows if not r['ats_blocks'])
   for r in rows:
     r['relative_gflops'] = r['gflops'] / dense_gflops
