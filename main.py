@@ -36,11 +36,7 @@ def describe(config: ml_collections.ConfigDict) -> None:
     config.model,
     checkpoint=config.checkpoint or None,
     seed=config.seed,
-    dtype=jnp.dtype(config.dtype),
-    ats_blocks=tuple(config.ats_blocks),
-    num_tokens=tuple(config.num_tokens),
-    bucket_size=config.bucket_size,
-    **config.model_overrides,
+    **train.model_options(config),
   )
   model.eval()
   size = model.img_size

@@ -40,17 +40,26 @@ class TrainState:
   opt_state: optax.OptState
   ema_params: nnx.State | None  # None when config.ema_decay == 0
 
+  @property
+  def eval_params(self) -> nnx.State:
+    """The weights to evaluate: the EMA when kept."""
+    return self.params if self.ema_params is None else self.ema_params
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, **overrides) -> nnx.Module:
-  """The configured model (random init), with the data's class count; `overrides` win."""
-  kwargs = dict(
-    num_classes=num_classes,
+
+def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config's `create_model` options: dtype, ATS, execution and architecture overrides."""
+  return dict(
     dtype=jnp.dtype(config.dtype),
     ats_blocks=tuple(config.ats_blocks),
     num_tokens=tuple(config.num_tokens),
     bucket_size=config.bucket_size,
     **config.model_overrides,
   )
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, **overrides) -> nnx.Module:
+  """The configured model (random init), with the data's class count; `overrides` win."""
+  kwargs = model_options(config) | dict(num_classes=num_classes)
   return create_model(config.model, seed=config.seed, **kwargs | overrides)
 
 
@@ -250,8 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending = []
 
   def evaluate_state(step: int) -> dict[str, Any]:
-    params = state.ema_params if state.ema_params is not None else state.params
-    results = evaluate_all(config, graphdef, params, mesh, model.img_size, info)
+    results = evaluate_all(config, graphdef, state.eval_params, mesh, model.img_size, info)
     write_results(results, workdir, writer, step)
     return results
 
@@ -332,7 +340,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str | None, param
   abstract = jax.eval_shape(lambda: create_train_state(params, tx, config.ema_decay > 0))
   state = ckpt.restore(with_shardings(abstract, sharding.make_mesh(), config.fsdp))
   ckpt.close()
-  return state.ema_params if state.ema_params is not None else state.params
+  return state.eval_params
 
 
 def write_results(results, workdir: str, writer, step: int | None) -> None:

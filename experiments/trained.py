@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax.numpy as jnp
 import ml_collections
 from absl import flags
 from flax import nnx
@@ -47,12 +46,7 @@ def trained_model(
   A workdir without a checkpoint raises CheckpointError with a hint on how to make one.
   """
   if checkpoint:
-    kwargs = dict(
-      dtype=jnp.dtype(config.dtype),
-      ats_blocks=tuple(config.ats_blocks),
-      num_tokens=tuple(config.num_tokens),
-      **config.model_overrides,
-    )
+    kwargs = train.model_options(config)
     if num_classes is not None:
       kwargs['num_classes'] = num_classes
     model = create_model(config.model, checkpoint=checkpoint, **kwargs | overrides)
