@@ -52,7 +52,10 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     dtype=jnp.dtype(config.dtype),
     ats_blocks=tuple(config.ats_blocks),
     num_tokens=tuple(config.num_tokens),
-    bucket_size=config.bucket_size,
+    execution=config.execution,
+    pack_sizes=config.pack_sizes,
+    attention_sizes=config.attention_sizes,
+    drop_path_rate=config.drop_path,
     **config.model_overrides,
   )
 
@@ -77,8 +80,9 @@ def init_from(model: nnx.Module, path: str, name: str) -> None:
   load_params(model, params, f'the model (init_from {path})')
 
 
-def loss_and_stats(params, graphdef, images, targets):
-  logits, stats = nnx.merge(graphdef, params)(images, return_stats=True)
+def loss_and_stats(params, graphdef, images, targets, rng):
+  """Cross-entropy on soft targets; `rng` drives stochastic depth."""
+  logits, stats = nnx.merge(graphdef, params)(images, return_stats=True, rng=rng)
   loss = optax.softmax_cross_entropy(logits, targets).mean()
   return loss, stats
 
@@ -105,7 +109,8 @@ def train_step(
     smoothing=config.aug.label_smoothing,
   )
   grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
-  (loss, stats), grads = grad_fn(state.params, graphdef, images, targets)
+  drop_rng = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)  # stochastic depth
+  (loss, stats), grads = grad_fn(state.params, graphdef, images, targets, drop_rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
@@ -155,7 +160,8 @@ def evaluate(
   for i, local in enumerate(batches):
     batch = sharding.global_batch(local, mesh)
     start = time.perf_counter()
-    sums = jax.device_get(step(params, batch))
+    with jax.set_mesh(mesh):  # packed execution packs each device's own images
+      sums = jax.device_get(step(params, batch))
     if i > 0:  # the first batch pays for compilation; the input pipeline is not timed
       seconds += time.perf_counter() - start
       timed_images += config.eval_batch_size
@@ -265,7 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   logging.info('Training %d steps (%d per epoch) from step %d', total, steps_per_epoch, start)
   for step in range(start, total):
-    state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
+    with jax.set_mesh(mesh):  # packed execution packs each device's own images
+      state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
     pending.append(metrics)
     done = step + 1
     report(done)

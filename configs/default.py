@@ -18,7 +18,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ''  # train: fine-tune from these weights (same formats); '' = from scratch
   config.ats_blocks = ()  # indices of the blocks whose attention samples tokens; () = dense
   config.num_tokens = (197.0,)  # cap K per ATS block (one for all, or one each); <= 1 is a ratio
-  config.bucket_size = 16  # after ATS, blocks run on multiples of this many tokens; 0 = padded
+  # After the first ATS block: 'packed' runs per-token work on the batch's real tokens only, one
+  # stream rounded up to one of `pack_sizes` sizes (cost follows the mean kept tokens); 'padded'
+  # runs every slot (fixed cost). Same predictions and gradients.
+  config.execution = 'packed'
+  config.pack_sizes = 8  # stream sizes, geometric from a quarter of the slots to all; 1: no switch
+  config.attention_sizes = 4  # attention runs on the fewest of these slot counts; 1: no switch
+  config.drop_path = 0.1  # stochastic depth in training (DeiT's), timm's linear rule over blocks
   config.dtype = 'float32'  # computation dtype; 'bfloat16' on accelerators. Params stay float32.
 
   # Data (`ats_jax/input_pipeline.py`).

@@ -23,15 +23,15 @@ def gelu(x):
 
 
 def masked_softmax(logits, m):
-  """Spec 'Masked attention' step 3 for the image alone: logits [H, N, N], m [N].
+  """Spec 'Masked attention' step 3 for the image alone: logits [H, Q, N], m [N].
 
-  Alone (batch size 1) the original has no padded keys: its row max and `eps / N` see only the
-  image's own m.sum() tokens, so padded slots here must not enter either.
+  Alone (batch size 1) the original has no padded keys: its row max, its `exp` and `eps / N` see
+  only the image's own m.sum() tokens, so padded slots here weigh 0 and never reach `exp`.
   """
   real = m > 0
-  visible = real[None, :] | np.eye(len(m), dtype=bool)
-  e = np.exp(logits - np.where(visible, logits, -np.inf).max(-1, keepdims=True)) * visible
-  return (e + EPS / real.sum()) / (e.sum(-1, keepdims=True) + EPS)
+  e = np.zeros_like(logits)
+  e[..., real] = np.exp(logits[..., real] - logits[..., real].max(-1, keepdims=True))
+  return np.where(real, e + EPS / real.sum(), 0.0) / (e.sum(-1, keepdims=True) + EPS)
 
 
 def sample(scores, real, grid_size, max_kept):

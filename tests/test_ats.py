@@ -139,9 +139,9 @@ def tiny_images():
   return jnp.asarray(np.random.default_rng(0).standard_normal((6, 32, 32, 3)), jnp.float32)
 
 
-@pytest.mark.parametrize('bucket_size', [0, 4], ids=['padded', 'compacted'])
+@pytest.mark.parametrize('execution', ['padded', 'packed'])
 @pytest.mark.parametrize('distilled', [False, True], ids=['deit', 'deit_distilled'])
-def test_whole_model_equals_numpy_reference(tiny_images, distilled, bucket_size):
+def test_whole_model_equals_numpy_reference(tiny_images, distilled, execution):
   """Plain, ATS and masked plain blocks, norm and head(s), each image alone in float64.
 
   Large weights make padded keys' logits dominate rows: they must still change nothing.
@@ -151,7 +151,8 @@ def test_whole_model_equals_numpy_reference(tiny_images, distilled, bucket_size)
     ats_blocks=tuple(caps),
     num_tokens=tuple(caps.values()),
     distilled=distilled,
-    bucket_size=bucket_size,
+    execution=execution,
+    pack_sizes=4,
   )
   perturb(model, scale=0.6)
   logits, stats = run_ats(model, tiny_images)
@@ -298,3 +299,19 @@ def test_stats_count_the_kept_tokens(tiny_images):
 
   expected = 16 * 3 * 64 * dim + dim * 10 + 2 * block(17, 17) + block(17, k) + block(k, k)
   np.testing.assert_allclose(np.asarray(stats['gflops']), expected / 1e9, rtol=1e-6)
+
+
+def test_masked_softmax_ignores_padded_keys_of_any_size():
+  """A padded key 1e4 above the row max would be exp(1e4) * 0 = NaN if it reached `exp`."""
+  from ats_jax.ops.attention import SOFTMAX_EPS, masked_softmax
+
+  logits = np.random.default_rng(0).standard_normal((2, 1, 3, 5)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.float32)
+  huge = logits.copy()
+  huge[0, :, :, 3:] = 1e4
+  got = np.asarray(masked_softmax(jnp.asarray(huge), jnp.asarray(mask)))
+  real = logits[0, :, :, :3].astype(np.float64)
+  e = np.exp(real - real.max(-1, keepdims=True))
+  expected = (e + SOFTMAX_EPS / 3) / (e.sum(-1, keepdims=True) + SOFTMAX_EPS)
+  np.testing.assert_allclose(got[0, :, :, :3], expected, rtol=1e-6)
+  assert (got[0, :, :, 3:] == 0).all() and np.isfinite(got).all()

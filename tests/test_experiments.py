@@ -8,9 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+import timm
 
 from ats_jax import flops
 from ats_jax.models import get_spec
+from experiments import photos
 
 
 def run_module(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -52,14 +54,28 @@ def test_benchmark_rows_and_their_numbers_agree(tmp_path):
     JAX_DISABLE_MOST_OPTIMIZATIONS='true',
   )  # timings are not asserted: compile fast
   rows = json.loads((tmp_path / 'b.json').read_text())['rows']
-  impls = ['jax dense', 'jax ATS padded', 'jax ATS compacted', 'jax dense @ ATS tokens',
-           'timm dense', 'vit-pytorch ATS']  # fmt: skip
+  impls = ['jax dense', 'jax ATS packed', 'jax ATS padded', 'timm dense']
   assert [(r['batch'], r['impl']) for r in rows] == [(2, i) for i in impls]
   by = {r['impl']: r for r in rows}
   assert by['jax dense']['gflops'] == pytest.approx(flops.dense_gflops(get_spec(name)))
   assert by['jax dense']['kept_tokens'] == 197
-  padded, compacted = by['jax ATS padded'], by['jax ATS compacted']
-  assert compacted['kept_tokens'] == padded['kept_tokens'] < 197  # same tokens, either way
-  assert compacted['gflops'] == pytest.approx(padded['gflops'])
-  assert all(r['images_per_sec'] > 0 for r in rows)
+  padded, packed = by['jax ATS padded'], by['jax ATS packed']
+  assert packed['kept_tokens'] == padded['kept_tokens'] < 197  # same tokens, either way
+  assert packed['gflops'] == pytest.approx(padded['gflops'])
+  for r in rows:
+    assert r['images_per_sec'] > 0 and r['ideal'] == pytest.approx(
+      by['jax dense']['gflops'] / r['gflops']
+    )
+    assert r['efficiency'] == pytest.approx(r['speedup'] / r['ideal'])
   assert proc.stdout.count(f'| {name} |') == len(rows)
+
+
+def test_photos_are_prepared_exactly_as_timm_prepares_them():
+  from PIL import Image
+
+  transform = timm.data.create_transform(224, crop_pct=0.875, interpolation='bicubic')
+  for photo in photos.originals()[:4]:  # square, landscape, portrait-free sizes from 300 to 1411 px
+    expected = transform(Image.fromarray(photo)).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(photos.eval_transform(photo, 224), expected, atol=1e-6)
+  batch = photos.photos(24, size=32)
+  assert batch.shape == (24, 32, 32, 3) and len({x.tobytes() for x in batch}) == 24

@@ -71,36 +71,31 @@ def sampling_plan(
   return plan
 
 
-def sample_rows(block, x: jax.Array, mask: jax.Array | None, sampling: Sampling):
-  """The block's attention and the input rows it keeps (prefix tokens, then the picks).
+def sample_and_attend(
+  x: jax.Array,
+  mask: jax.Array | None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  sampling: Sampling,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """An ATS block's attention: score with the cls row, sample, attend only the rows kept.
 
-  x [B, N, C], mask [B, N] or None -> rows [B, K] into x, their mask [B, K] float, attention
-  [B, H, N, N] float32 and values [B, N, H, d]. K is the cap, or N when fewer slots come in (a
-  compacted run, `ats_jax.models.compact`).
+  x [B, N, C] (the block input), mask [B, N] or None, q, k, v [B, H, N, d] (zero at padded
+  tokens, as the spec's ATS blocks zero them) -> the kept inputs
+  [B, K, C] (the residual), their mask [B, K] float (prefix tokens, then the picks) and their
+  attention output [B, K, C] before `proj`. K is the cap, or N when fewer slots come in.
   """
   b, n, _ = x.shape
   p = sampling.num_prefix_tokens
   cap = min(sampling.cap, n)
   mask = jnp.ones((b, n), jnp.float32) if mask is None else mask.astype(jnp.float32)
-  q, k, v = block.attn.qkv_heads(block.norm1(x))  # [B, N, H, d]
-  token_mask = mask[:, :, None, None].astype(q.dtype)
-  q, k, v = q * token_mask, k * token_mask, v * token_mask  # padded tokens carry nothing
-  attn = attention_ops.attention_weights(q, k, mask)  # [B, H, N, N] float32
-
-  scores = token_sampling.token_scores(attn[:, :, 0], v, p)  # [B, N - P]
+  cls_attn = attention_ops.attention_weights(q[:, :, :1], k, mask)[:, :, 0]  # [B, H, N] float32
+  scores = token_sampling.token_scores(cls_attn, v, p)  # [B, N - P]
   picked, valid = token_sampling.sample_tokens(scores, mask[:, p:] > 0, sampling.grid_size, cap - p)
   rows = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), picked + p], axis=1)  # [B, K]
   new_mask = jnp.concatenate([jnp.ones((b, p), bool), valid], axis=1).astype(jnp.float32)
-  return rows, new_mask, attn, v
-
-
-def ats_block(block, x: jax.Array, mask: jax.Array | None, sampling: Sampling):
-  """One ATS block: x [B, N, C], mask [B, N] or None -> x [B, K, C], mask [B, K] (kept first)."""
-  rows, new_mask, attn, v = sample_rows(block, x, mask, sampling)
-  attn_kept = jnp.take_along_axis(attn, rows[:, None, :, None], axis=2)  # [B, H, K, N]
-  attn_kept = attn_kept * new_mask[:, None, :, None]
-  x_att = attention_ops.apply_mask(block.attn.proj(attention_ops.attend(attn_kept, v)), new_mask)
-  x_kept = jnp.take_along_axis(x, rows[:, :, None], axis=1)  # [B, K, C]: residual of kept inputs
-  x = attention_ops.apply_mask(x_kept + x_att, new_mask)
-  x = attention_ops.apply_mask(x + block.mlp(block.norm2(x)), new_mask)
-  return x, new_mask
+  q_kept = jnp.take_along_axis(q, rows[:, None, :, None], axis=2)  # [B, H, K, d]
+  weights = attention_ops.attention_weights(q_kept, k, mask) * new_mask[:, None, :, None]
+  x_kept = jnp.take_along_axis(x, rows[:, :, None], axis=1)  # [B, K, C]
+  return x_kept, new_mask, attention_ops.attend(weights, v)

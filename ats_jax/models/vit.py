@@ -13,11 +13,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ats_jax import flops
-from ats_jax.models import ats, compact
+from ats_jax.models import ats
 from ats_jax.models.registry import ViTSpec
 from ats_jax.ops import attention as attention_ops
+from ats_jax.ops import packing
 
 LAYER_NORM_EPS = 1e-6  # timm's ViT LayerNorm, not PyTorch's 1e-5 default.
+EXECUTIONS = ('packed', 'padded')  # how blocks after the first ATS block run: `ats_jax.ops.packing`
 
 
 def _linear(din: int, dout: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -58,7 +60,11 @@ class PatchEmbed(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention; honours an optional token mask (see `ats_jax.ops.attention`)."""
+  """Multi-head self-attention's parameters (timm's `attn.qkv`, `attn.proj`).
+
+  The block runs it in pieces: `qkv` and `proj` are per-token work (`ats_jax.ops.packing`), the
+  weights between them per image (`ats_jax.ops.attention`).
+  """
 
   def __init__(self, dim: int, num_heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
     if dim % num_heads:
@@ -67,17 +73,11 @@ class Attention(nnx.Module):
     self.qkv = _linear(dim, 3 * dim, dtype, rngs)
     self.proj = _linear(dim, dim, dtype, rngs)
 
-  def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Projects tokens to per-head queries, keys and values, each [B, N, H, d]."""
-    b, n, c = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
-    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    q, k, v = self.qkv_heads(x)  # [B, N, H, d]
-    weights = attention_ops.attention_weights(q, k, mask)  # [B, H, N, N], float32
-    out = attention_ops.attend(weights, v)  # [B, N, C]
-    return self.proj(out)
+  def heads(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """qkv [B, N, 3C] -> q, k, v [B, H, N, d]: heads before tokens, as XLA's products want."""
+    b, n, c3 = qkv.shape
+    qkv = qkv.reshape(b, n, 3, self.num_heads, c3 // (3 * self.num_heads))
+    return tuple(qkv.transpose(2, 0, 3, 1, 4))
 
 
 class Mlp(nnx.Module):
@@ -89,10 +89,30 @@ class Mlp(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact GELU, as torch's nn.GELU
 
 
+def _qkv(modules, x: jax.Array) -> tuple[jax.Array]:
+  """Per-token: qkv(norm1(x)). x [..., C] -> [..., 3C]."""
+  norm1, qkv = modules
+  return (qkv(norm1(x)),)
+
+
+def _residuals(modules, out: jax.Array, x: jax.Array, *drop: jax.Array) -> tuple[jax.Array]:
+  """Per-token: the attention residual, then the MLP's. `drop` [..., 2]: stochastic depth scales."""
+  proj, norm2, mlp = modules
+  att = proj(out)
+  if drop:
+    att = att * drop[0][..., :1].astype(att.dtype)
+  x = x + att
+  y = mlp(norm2(x))
+  if drop:
+    y = y * drop[0][..., 1:].astype(y.dtype)
+  return (x + y,)
+
+
 class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
   With `sampling` set it is an ATS block (`ats_jax.models.ats`): same parameters, fewer tokens out.
+  Per-token work runs padded or packed (`pack_sizes`, `ats_jax.ops.packing`), attention per image.
   """
 
   def __init__(
@@ -112,22 +132,54 @@ class Block(nnx.Module):
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
   def __call__(
-    self, x: jax.Array, mask: jax.Array | None = None
+    self,
+    x: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    pack_sizes: int = 0,
+    attention_sizes: int = 0,
+    drop: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array | None]:
-    """x [B, N, C] and its token mask [B, N] (None: every token real) -> the same, updated."""
-    if self.sampling is not None:
-      return ats.ats_block(self, x, mask, self.sampling)
-    x = attention_ops.apply_mask(x + self.attn(self.norm1(x), mask), mask)
-    x = attention_ops.apply_mask(x + self.mlp(self.norm2(x)), mask)
+    """x [B, N, C] and its token mask [B, N] (None: every token real) -> the same, updated.
+
+    `pack_sizes` > 0 runs per-token work packed on that ladder, 0 padded; `attention_sizes` > 0
+    runs attention on the fewest slots that hold the fullest image (`ats_jax.ops.packing`).
+    `drop` [B, 2]: the per-image scales of the attention and MLP residuals (stochastic depth),
+    None at eval.
+    """
+    qkv = packing.token_map(_qkv, (self.norm1, self.attn.qkv), x, mask=mask, num_sizes=pack_sizes)[
+      0
+    ]
+    out_size = x.shape[1] if self.sampling is None else min(self.sampling.cap, x.shape[1])
+    x, mask, out = packing.slot_map(
+      self._attend, x, qkv, mask=mask, out_size=out_size, num_sizes=attention_sizes
+    )
+    extra = () if drop is None else (jnp.broadcast_to(drop[:, None], (*x.shape[:2], 2)),)
+    modules = (self.attn.proj, self.norm2, self.mlp)
+    x = packing.token_map(_residuals, modules, out, x, *extra, mask=mask, num_sizes=pack_sizes)[0]
     return x, mask
+
+  def _attend(self, x: jax.Array, qkv: jax.Array, mask: jax.Array | None):
+    """The block's attention, per image: x [B, N, C], qkv [B, N, 3C] -> the residual inputs, their
+    mask and the attention output [B, Q, C] before `proj` (Q = N, or the rows ATS keeps)."""
+    q, k, v = self.attn.heads(qkv)  # [B, H, N, d]
+    if mask is not None:  # padded tokens carry nothing, whatever their slots hold
+      real = mask[:, None, :, None] > 0
+      q, k, v = (jnp.where(real, t, 0) for t in (q, k, v))
+    if self.sampling is not None:
+      return ats.sample_and_attend(x, mask, q, k, v, self.sampling)
+    return x, mask, attention_ops.attend(attention_ops.attention_weights(q, k, mask), v)
 
 
 class VisionTransformer(nnx.Module):
   """ViT/DeiT classifier. Distilled variants add `dist_token` and `head_dist`, averaged at eval.
 
-  `ats_blocks`/`num_tokens` turn on ATS (`ats_jax.models.ats`); `bucket_size` > 0 runs the blocks
-  after the first ATS block on the fewest tokens that hold the batch's (`ats_jax.models.compact`),
-  0 on the full padded shapes. Both give the same predictions.
+  `ats_blocks`/`num_tokens` turn on ATS (`ats_jax.models.ats`). After the first ATS block,
+  `execution='packed'` runs per-token work on the batch's real tokens only, packed into one stream
+  rounded up to a ladder of `pack_sizes` sizes, and attention on the fewest of `attention_sizes`
+  slot counts that hold the fullest image (`ats_jax.ops.packing`); 'padded' runs every slot.
+  Both give the same predictions. `drop_path_rate`: stochastic depth (timm's linear rule over the
+  blocks), active only when the forward gets an `rng`.
   """
 
   def __init__(
@@ -143,7 +195,10 @@ class VisionTransformer(nnx.Module):
     distilled: bool = False,
     ats_blocks: Sequence[int] = (),
     num_tokens: float | Sequence[float] = 197,
-    bucket_size: int = 16,
+    execution: str = 'packed',
+    pack_sizes: int = 8,
+    attention_sizes: int = 4,
+    drop_path_rate: float = 0.0,
     dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -158,9 +213,17 @@ class VisionTransformer(nnx.Module):
     plan = ats.sampling_plan(
       depth, num_patches + self.num_prefix_tokens, self.num_prefix_tokens, ats_blocks, num_tokens
     )
-    if bucket_size < 0:
-      raise ValueError(f'bucket_size must be >= 0 (0: padded execution), got {bucket_size}')
-    self.bucket_size = bucket_size
+    if execution not in EXECUTIONS:
+      raise ValueError(f'execution must be one of {EXECUTIONS}, got {execution!r}')
+    for name, sizes in (('pack_sizes', pack_sizes), ('attention_sizes', attention_sizes)):
+      if sizes < 1:
+        raise ValueError(f'{name} must be >= 1 (1: one size, no switch), got {sizes}')
+    if not 0 <= drop_path_rate < 1:
+      raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
+    self.execution = execution
+    self.pack_sizes = pack_sizes if execution == 'packed' else 0
+    self.attention_sizes = attention_sizes if execution == 'packed' else 0
+    self.drop_path_rate = drop_path_rate
     self.dtype = dtype
     self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype=dtype, rngs=rngs)
     tok_init = nnx.initializers.truncated_normal(0.02)
@@ -197,24 +260,40 @@ class VisionTransformer(nnx.Module):
       logits = (logits + self.head_dist(x[:, 1])) / 2
     return logits.astype(jnp.float32)
 
+  def drop_scales(self, rng: jax.Array, batch: int) -> list[jax.Array | None]:
+    """Per block, the per-image scales [B, 2] of its two residuals: 0 (dropped) or 1 / keep."""
+    depth = len(self.blocks)
+    scales = []
+    for i in range(depth):
+      rate = self.drop_path_rate * i / max(depth - 1, 1)  # timm: linspace(0, rate, depth)
+      if rate == 0:
+        scales.append(None)
+        continue
+      keep = jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - rate, (batch, 2))
+      scales.append(keep.astype(jnp.float32) / (1.0 - rate))
+    return scales
+
   def __call__(
-    self, images: jax.Array, return_stats: bool = False
+    self, images: jax.Array, return_stats: bool = False, *, rng: jax.Array | None = None
   ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Logits [B, classes] for NHWC images; with `return_stats` also the tokens each image kept.
 
     stats['kept_tokens'] [B, depth] int: real tokens entering each block's MLP (prefix included).
     stats['gflops'] [B]: the image's cost at the tokens it kept (`ats_jax.flops`).
+    `rng` (training): drops residual branches per image with `drop_path_rate`.
     """
     x = self.embed(images.astype(self.dtype))  # [B, N0, C]
+    b = x.shape[0]
+    drops = [None] * len(self.blocks)
+    if rng is not None and self.drop_path_rate > 0:
+      drops = self.drop_scales(rng, b)
     mask = None
     kept = []
-    for block in self.blocks:  # ATS blocks shrink x to their cap; `mask` marks the real tokens
-      if mask is None or not self.bucket_size:
-        x, mask = block(x, mask)
-      else:  # after the first ATS block: run on the fewest slots that hold the batch's tokens
-        out = x.shape[1] if block.sampling is None else block.sampling.cap
-        x, mask = compact.run_compacted(block, x, mask, self.bucket_size, out)
-      kept.append(jnp.full(x.shape[0], x.shape[1]) if mask is None else mask.sum(-1))
+    for block, drop in zip(self.blocks, drops, strict=True):  # ATS blocks shrink x to their cap
+      x, mask = block(
+        x, mask, pack_sizes=self.pack_sizes, attention_sizes=self.attention_sizes, drop=drop
+      )
+      kept.append(jnp.full(b, x.shape[1]) if mask is None else mask.sum(-1))
     logits = self.head_logits(x)
     if not return_stats:
       return logits

@@ -1,0 +1,72 @@
+"""Real photographs for experiments, as DeiT's eval transform prepares them (PIL, as timm).
+
+Noise makes every image keep about the same tokens and hides what ATS really costs: a batch of real
+photos mixes busy and plain images. The photos ship inside scikit-image and scikit-learn (nothing is
+downloaded); past them come random square crops and mirror images, deterministic in `seed`. The
+transform is timm's own path (PIL bicubic resize of the short side to size / 0.875, centre crop,
+ImageNet mean/std), so this module needs no TensorFlow: it runs on a bare accelerator machine too.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from PIL import Image
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as DeiT
+CROP_PCT = 0.875
+
+# scikit-image's bundled photographs (RGB and greyscale, 191 to 1,411 px), scenes and textures.
+SKIMAGE_PHOTOS = (
+  'astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field', 'retina', 'colorwheel',
+  'immunohistochemistry', 'camera', 'coins', 'moon', 'page', 'brick', 'grass', 'gravel', 'horse',
+)  # fmt: skip
+
+
+@functools.cache
+def originals() -> tuple[np.ndarray, ...]:
+  """The bundled photographs as uint8 RGB [h, w, 3], scikit-image's then scikit-learn's two."""
+  import skimage.data
+  from sklearn.datasets import load_sample_images
+
+  photos = []
+  for name in SKIMAGE_PHOTOS:
+    photo = np.asarray(getattr(skimage.data, name)())
+    if photo.dtype != np.uint8:  # horse is a boolean silhouette
+      photo = (photo > 0).astype(np.uint8) * 255
+    if photo.ndim == 2:
+      photo = np.repeat(photo[..., None], 3, axis=-1)
+    photos.append(photo[..., :3])
+  return (*photos, *load_sample_images().images)
+
+
+def photos(count: int, size: int = 224, seed: int = 0) -> np.ndarray:
+  """`count` eval-preprocessed images [count, size, size, 3] float32: the originals first, then
+  random crops (at least `size` px, at most the short side) and their mirror images."""
+  sources = originals()
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(count):
+    photo = sources[i % len(sources)]
+    if i >= len(sources):
+      h, w = photo.shape[:2]
+      side = int(rng.integers(min(size, h, w), min(h, w) + 1))
+      top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+      photo = photo[top : top + side, left : left + side]
+      if rng.random() < 0.5:
+        photo = photo[:, ::-1]
+    out.append(eval_transform(np.ascontiguousarray(photo), size))
+  return np.stack(out)
+
+
+def eval_transform(photo: np.ndarray, size: int) -> np.ndarray:
+  """DeiT's eval transform as timm runs it: uint8 [h, w, 3] -> float32 [size, size, 3]."""
+  image = Image.fromarray(photo)
+  short = int(size / CROP_PCT)
+  w, h = image.size
+  new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+  image = image.resize(new, Image.BICUBIC)
+  left, top = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
+  image = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255
+  return (image - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
