@@ -59,7 +59,9 @@ def eval_reference(images: list[np.ndarray], crop_pct: float = 0.875) -> np.ndar
 
 
 def decode(path) -> np.ndarray:
-  return tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False).numpy()
+  """The pixels timm's loader reads: PIL's, which the pipeline's decoding must equal."""
+  with Image.open(path) as image:
+    return np.asarray(image.convert('RGB'))
 
 
 def real_examples(batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
