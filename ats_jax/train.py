@@ -187,7 +187,10 @@ def _progress_bar(done: int, total: int) -> None:
 def create_train_state(
   params: nnx.State, tx: optax.GradientTransformation, ema: bool
 ) -> TrainState:
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params if ema else None)
+  """Step 0. The EMA starts equal to the weights but in its own buffers: each step donates the
+  whole state, and XLA refuses to donate one buffer twice."""
+  ema_params = jax.tree.map(jnp.copy, params) if ema else None
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), ema_params)
 
 
 def with_shardings(tree, mesh: jax.sharding.Mesh, fsdp: bool):
@@ -337,7 +340,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str | None, param
   if ckpt.latest_step() is None:
     raise CheckpointError(f'no checkpoint in {ckpt_dir}')
   tx = optim.create_optimizer(config, optax.constant_schedule(0.0))  # the structure is all it needs
-  abstract = jax.eval_shape(lambda: create_train_state(params, tx, config.ema_decay > 0))
+  abstract = jax.eval_shape(lambda p: create_train_state(p, tx, config.ema_decay > 0), params)
   state = ckpt.restore(with_shardings(abstract, sharding.make_mesh(), config.fsdp))
   ckpt.close()
   return state.eval_params
