@@ -103,6 +103,7 @@ def train_step(
     mixup_alpha=config.aug.mixup,
     cutmix_alpha=config.aug.cutmix,
     smoothing=config.aug.label_smoothing,
+    num_groups=jax.process_count(),  # partners within each host's share, as timm's per GPU
   )
   grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
   (loss, stats), grads = grad_fn(state.params, graphdef, images, targets)
