@@ -79,7 +79,7 @@ def make_config(name: str, data_dir, **aug):
   config.data.eval_split = 'val' if name == 'folder' else 'test'
   config.batch_size = config.eval_batch_size = len(encoded_files())
   config.aug.update(random_resized_crop=False, hflip=0.0, randaugment_num_ops=0)
-  config.aug.update(random_erasing=0.0, **aug)
+  config.aug.update(random_erasing=0.0, repeats=1, **aug)  # an epoch: each file once
   return config
 
 
