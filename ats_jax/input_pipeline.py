@@ -8,7 +8,8 @@ Sources, chosen by `config.data.name`:
   'folder'  the layout the original ATS reads: <data_dir>/<split>/<class>/*.{jpg,jpeg,png}. The
             classes are the sorted sub-folder names of the train split; eval uses the same indices.
   other     a TFDS dataset already prepared in data_dir, with features 'image' and 'label'.
-Image files and TFDS records decode to the pixels PIL gives (`decode_image`), as timm loads them.
+Image files and TFDS records decode to the pixels PIL gives (preprocessing.decode_image), as
+timm loads them.
 
 Training is a sequence of epochs. Epoch e on process p is a shuffle of p's examples seeded by
 (seed, p, e); an example's augmentation seed is folded from (seed, p, e) and its position in the
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
-import PIL.Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
@@ -380,48 +379,9 @@ def _digits_split(split: str) -> _Split:
   return _list_split(f'digits {split}', 10, images[part], labels[part], lambda image: image)
 
 
-def decode_image(data: tf.Tensor) -> tf.Tensor:
-  """Encoded image bytes -> uint8 [h, w, 3]: the pixels of PIL's `Image.open(f).convert('RGB')`.
-
-  timm, torchvision and the original ATS load images with PIL. JPEGs (found by their magic bytes,
-  whatever the file is called) decode with libjpeg's accurate integer IDCT and fancy upsampling,
-  as PIL does; TF's default fast IDCT is off by up to ~16 levels in half or more of the pixels.
-  CMYK/YCCK JPEGs go through PIL itself: TF converts CMYK to RGB rounding down, PIL to nearest
-  (1 level apart in ~60% of pixels). Other formats (PNG, GIF, BMP) use tf.io.decode_image. Grey
-  becomes RGB; alpha is dropped, as convert('RGB') drops it.
-  """
-
-  def jpeg() -> tf.Tensor:
-    components = tf.io.extract_jpeg_shape(data)[2]
-    return tf.cond(
-      components == 4,
-      lambda: _decode_with_pil(data),
-      lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
-    )
-
-  return tf.cond(
-    tf.image.is_jpeg(data),
-    jpeg,
-    lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-  )
-
-
-def _decode_with_pil(data: tf.Tensor) -> tf.Tensor:
-  """PIL's decoding inside the graph (for the rare CMYK JPEG): uint8 [h, w, 3]."""
-
-  def decode(encoded: bytes | np.ndarray) -> np.ndarray:  # eager mode: a 0-d object array
-    data = encoded if isinstance(encoded, bytes) else encoded.item()
-    with PIL.Image.open(io.BytesIO(data)) as image:
-      return np.asarray(image.convert('RGB'))
-
-  image = tf.numpy_function(decode, [data], tf.uint8, stateful=False)
-  image.set_shape((None, None, 3))
-  return image
-
-
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
-  """An image file -> uint8 [h, w, 3], as decode_image."""
-  return decode_image(tf.io.read_file(path))
+  """An image file -> uint8 [h, w, 3], as preprocessing.decode_image."""
+  return preprocessing.decode_image(tf.io.read_file(path))
 
 
 def _subfolders(path: str) -> list[str]:
@@ -522,4 +482,5 @@ def _tfds_split(name: str, data_dir: str, split: str, shuffle_buffer: int) -> _S
     return ds
 
   num_classes = features['label'].num_classes
-  return _Split(f'TFDS {name} split {split!r}', num_classes, host_sizes, read, decode_image)
+  decode = preprocessing.decode_image
+  return _Split(f'TFDS {name} split {split!r}', num_classes, host_sizes, read, decode)

@@ -86,7 +86,7 @@ def make_config(name: str, data_dir, **aug):
 def test_decode_image_equals_pil_bit_for_bit():
   for name, data in encoded_files().items():
     expected = np.asarray(pil_rgb(data))
-    got = input_pipeline.decode_image(tf.constant(data)).numpy()
+    got = preprocessing.decode_image(tf.constant(data)).numpy()
     assert got.dtype == np.uint8 and got.shape == expected.shape, name
     np.testing.assert_array_equal(got, expected, err_msg=name)
     # What TF gives by itself: the fast IDCT (colour and grey JPEGs), CMYK rounded down
