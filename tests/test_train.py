@@ -72,6 +72,25 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(mixing):
     assert losses[-1] < 0.7 * losses[0] and np.all(np.diff(losses[:10]) < 0), losses
 
 
+def test_a_distilled_model_trains_both_heads_on_the_labels():
+  """No teacher: the loss is the cross-entropy of the two heads' averaged logits (what evaluation
+  reads), so both heads get the same gradient at their output: equal bias gradients."""
+  config = tiny_config(model='deit_tiny_distilled_patch16_224', ats_blocks=())
+  graphdef, params = nnx.split(train.build_model(config, num_classes=10))
+  batch = next(input_pipeline.train_batches(config, image_size=16))
+  targets = jax.nn.one_hot(batch['label'], 10)
+
+  def loss(p):
+    return train.loss_and_stats(p, graphdef, batch['image'], targets)[0]
+
+  grads = jax.jit(jax.grad(loss))(params)
+  head, head_dist = (np.asarray(grads[name]['bias'][...]) for name in ('head', 'head_dist'))
+  assert np.abs(head).max() > 1e-3
+  np.testing.assert_allclose(head_dist, head, rtol=1e-6)
+  kernels = [np.asarray(grads[name]['kernel'][...]) for name in ('head', 'head_dist')]
+  assert all(np.abs(k).max() > 1e-3 for k in kernels)
+
+
 def test_evaluation_counts_every_example_once_with_a_partial_last_batch():
   config = tiny_config(eval_batch_size=64)  # 360 = 5 x 64 + 40
   model = train.build_model(config, num_classes=10)
