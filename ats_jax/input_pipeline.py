@@ -8,6 +8,8 @@ Sources, chosen by `config.data.name`:
   'folder'  the layout the original ATS reads: <data_dir>/<split>/<class>/*.{jpg,jpeg,png}. The
             classes are the sorted sub-folder names of the train split; eval uses the same indices.
   other     a TFDS dataset already prepared in data_dir, with features 'image' and 'label'.
+Image files and TFDS records decode to the pixels PIL gives (preprocessing.decode_image), as
+timm loads them.
 
 Training is a sequence of epochs. Epoch e on process p is a shuffle of p's examples seeded by
 (seed, p, e); an example's augmentation seed is folded from (seed, p, e) and its position in the
@@ -17,6 +19,14 @@ batch `step` is a function of (config, step) alone: `start_step` builds epoch st
 steps_per_epoch and skips the earlier examples of it before they are decoded (at most one epoch of
 paths, arrays or, for TFDS, encoded records read from disk). The pipeline restarts at each epoch
 boundary (a short stall while the shuffle buffer refills).
+
+Repeated augmentation (config.aug.repeats = r > 1, DeiT's 3) follows DeiT's RASampler instead:
+epoch e is one shuffle of the whole split seeded by (seed, e), the same on every process; each
+example is repeated r times in a row and the processes take turns through that list
+(`repeated_share`), each keeping N // P of it. An epoch is still about N samples, now N / r
+examples seen r times each, every copy with its own augmentation (another position, or another
+process); steps_per_epoch does not change. For TFDS every process reads the split's records in that
+global order (N / r of them per epoch instead of N / P) and decodes only its own.
 
 The shuffle is an exact permutation for 'digits' and 'folder'; for TFDS it is the file order
 shuffled per epoch plus a buffer of config.data.shuffle_buffer examples, as tfds.load does.
@@ -62,11 +72,12 @@ class _Split:
   description: str  # names it in messages, e.g. "folder /data/train"
   num_classes: int
   host_sizes: Callable[[int], list[int]]  # process count -> examples per process
-  # (process, process count, shuffle seed or None for the fixed order) -> (record, label) dataset
-  records: Callable[[int, int, int | None], tf.data.Dataset]
+  # (process, process count, shuffle seed or None for the fixed order, repeats) -> this process'
+  # (record, label) dataset; repeats > 1 shares one shuffle of the whole split as repeated_share
+  records: Callable[[int, int, int | None, int], tf.data.Dataset]
   decode: Callable[[tf.Tensor], tf.Tensor]  # record -> uint8 [h, w, 3]
-  # (process, process count, shuffle seed, first, stop position) -> the file at fault, if known
-  find_bad_file: Callable[[int, int, int | None, int, int], str | None] = lambda *_: None
+  # (process, process count, shuffle seed, repeats, first, stop position) -> the file at fault
+  find_bad_file: Callable[[int, int, int | None, int, int, int], str | None] = lambda *_: None
 
   @property
   def num_examples(self) -> int:
@@ -94,6 +105,9 @@ def train_batches(
   host, num_hosts, batch = _local_batch(config.batch_size, 'batch_size')
   if start_step < 0:
     raise InputError(f'start_step must be >= 0, got {start_step}')
+  repeats = config.aug.repeats
+  if not isinstance(repeats, int) or repeats < 1:
+    raise InputError(f'aug.repeats must be a whole number >= 1, got {repeats!r}')
   split = _open_split(config.data, config.data.train_split)
   steps_per_epoch = min(split.host_sizes(num_hosts)) // batch
   if steps_per_epoch == 0:
@@ -140,7 +154,7 @@ def eval_batches(
     'label': tf.constant(0, tf.int32),
     'mask': tf.constant(False),
   }
-  ds = split.records(host, num_hosts, None).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = split.records(host, num_hosts, None, 1).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.concatenate(
     tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch - sizes[host])
   )
@@ -150,7 +164,7 @@ def eval_batches(
   )
   return _checked(
     ds,
-    lambda start, stop: split.find_bad_file(host, num_hosts, None, start, stop),
+    lambda start, stop: split.find_bad_file(host, num_hosts, None, 1, start, stop),
     split.description,
     first=0,
     batch=batch,
@@ -169,6 +183,7 @@ def _train_epochs(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Chains the epochs, entering the first at start_step."""
   epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+  repeats = config.aug.repeats
 
   # One tf.function for every epoch: tf.data would otherwise retrace the augmentation (seconds
   # with RandAugment) each time an epoch's pipeline is built.
@@ -182,13 +197,15 @@ def _train_epochs(
     # A process' own stream: the shuffle and the augmentation differ per process and per epoch.
     seq = np.random.SeedSequence([config.seed % 2**64, host, epoch])  # it needs seeds >= 0
     shuffle_seed, *aug_key = (int(s) for s in seq.generate_state(3))
+    if repeats > 1:  # one shuffle of the whole split, the same on every process
+      shuffle_seed = int(np.random.SeedSequence([config.seed % 2**64, epoch]).generate_state(1)[0])
     key = tf.constant(aug_key, tf.int64)
     skip = step_in_epoch * batch
-    ds = split.records(host, num_hosts, shuffle_seed).take(steps_per_epoch * batch)
+    ds = split.records(host, num_hosts, shuffle_seed, repeats).take(steps_per_epoch * batch)
     ds = ds.enumerate().skip(skip)  # positions count from the epoch start; skip before decoding
     ds = ds.map(lambda i, ex, key=key: prepare(i, key, *ex), num_parallel_calls=tf.data.AUTOTUNE)
     ds = _finish(ds.batch(batch, drop_remainder=True))
-    find = functools.partial(split.find_bad_file, host, num_hosts, shuffle_seed)
+    find = functools.partial(split.find_bad_file, host, num_hosts, shuffle_seed, repeats)
     yield from _checked(ds, find, split.description, first=skip, batch=batch)
     epoch, step_in_epoch = epoch + 1, 0
 
@@ -267,6 +284,28 @@ def _open_split(data: ml_collections.ConfigDict, split: str) -> _Split:
   return _tfds_split(data.name, data.data_dir, split, data.shuffle_buffer)
 
 
+def repeated_share(order: np.ndarray, repeats: int, host: int, num_hosts: int) -> np.ndarray:
+  """Process `host`'s share of an epoch with repeated augmentation, as DeiT's RASampler.
+
+  `order` is the epoch's shuffle of all N examples, the same on every process. Each example is
+  repeated `repeats` times in a row and the processes take turns: `host` takes positions host,
+  host + num_hosts, ..., so the copies of one example land on different processes (when there
+  are at least `repeats`). Each process keeps N // num_hosts: the epoch stays N samples long.
+  RASampler keeps floor(N // 256 * 256 / num_hosts) (timm's RepeatAugSampler: `selected_round`);
+  we do not round to 256, as the last partial batch is dropped anyway and under 256 examples that
+  rounding keeps none. Its padding of the list to a multiple of num_hosts is never reached here.
+  """
+  return np.repeat(order, repeats)[host::num_hosts][: len(order) // num_hosts]
+
+
+def _repeated_share_dataset(
+  ds: tf.data.Dataset, num_examples: int, repeats: int, host: int, num_hosts: int
+) -> tf.data.Dataset:
+  """repeated_share of a dataset of the epoch's global order (every process reads all of it)."""
+  ds = ds.flat_map(lambda *example: tf.data.Dataset.from_tensors(example).repeat(repeats))
+  return ds.shard(num_hosts, host).take(num_examples // num_hosts)
+
+
 def _host_range(size: int, host: int, num_hosts: int) -> tuple[int, int]:
   """Contiguous shares whose sizes differ by at most one, as tfds.even_splits."""
   return size * host // num_hosts, size * (host + 1) // num_hosts
@@ -282,7 +321,12 @@ def _list_split(
 ) -> _Split:
   """A split whose examples are all in memory (images or file paths), in a fixed order."""
 
-  def order(host: int, num_hosts: int, shuffle_seed: int | None) -> np.ndarray:
+  def order(host: int, num_hosts: int, shuffle_seed: int | None, repeats: int) -> np.ndarray:
+    if repeats > 1:
+      everything = np.arange(len(records))
+      if shuffle_seed is not None:
+        everything = np.random.default_rng(shuffle_seed).permutation(everything)
+      return repeated_share(everything, repeats, host, num_hosts)
     lo, hi = _host_range(len(records), host, num_hosts)
     indices = np.arange(lo, hi)
     if shuffle_seed is None:
@@ -294,16 +338,16 @@ def _list_split(
       hi - lo for lo, hi in (_host_range(len(records), h, num_hosts) for h in range(num_hosts))
     ]
 
-  def read(host: int, num_hosts: int, shuffle_seed: int | None) -> tf.data.Dataset:
-    indices = order(host, num_hosts, shuffle_seed)
+  def read(host: int, num_hosts: int, shuffle_seed: int | None, repeats: int) -> tf.data.Dataset:
+    indices = order(host, num_hosts, shuffle_seed, repeats)
     return tf.data.Dataset.from_tensor_slices((records[indices], labels[indices]))
 
   def find_bad_file(
-    host: int, num_hosts: int, shuffle_seed: int | None, start: int, stop: int
+    host: int, num_hosts: int, shuffle_seed: int | None, repeats: int, start: int, stop: int
   ) -> str | None:
     if not paths:
       return None
-    for index in order(host, num_hosts, shuffle_seed)[start:stop]:
+    for index in order(host, num_hosts, shuffle_seed, repeats)[start:stop]:
       try:
         decode(tf.constant(records[index]))
       except tf.errors.OpError:
@@ -336,8 +380,8 @@ def _digits_split(split: str) -> _Split:
 
 
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
-  """A JPEG or PNG file -> uint8 [h, w, 3] (grey and RGBA files become RGB)."""
-  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  """An image file -> uint8 [h, w, 3], as preprocessing.decode_image."""
+  return preprocessing.decode_image(tf.io.read_file(path))
 
 
 def _subfolders(path: str) -> list[str]:
@@ -421,18 +465,22 @@ def _tfds_split(name: str, data_dir: str, split: str, shuffle_buffer: int) -> _S
   def host_sizes(num_hosts: int) -> list[int]:
     return [builder.info.splits[host_split(h, num_hosts)].num_examples for h in range(num_hosts)]
 
-  def read(host: int, num_hosts: int, shuffle_seed: int | None) -> tf.data.Dataset:
+  def read(host: int, num_hosts: int, shuffle_seed: int | None, repeats: int) -> tf.data.Dataset:
+    whole = repeats > 1  # every process reads the whole split in the same order, then its turns
     ds = builder.as_dataset(
-      split=host_split(host, num_hosts),
+      split=split if whole else host_split(host, num_hosts),
       shuffle_files=shuffle_seed is not None,
       decoders={'image': tfds.decode.SkipDecoding()},  # decode after the resume skip
       read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, skip_prefetch=True),
     )
     ds = ds.map(lambda example: (example['image'], example['label']))
-    return ds if shuffle_seed is None else ds.shuffle(shuffle_buffer, seed=shuffle_seed)
-
-  def decode(record: tf.Tensor) -> tf.Tensor:
-    return tf.io.decode_image(record, channels=3, expand_animations=False)
+    if shuffle_seed is not None:
+      ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed)
+    if whole:
+      num_examples = builder.info.splits[split].num_examples
+      ds = _repeated_share_dataset(ds, num_examples, repeats, host, num_hosts)
+    return ds
 
   num_classes = features['label'].num_classes
+  decode = preprocessing.decode_image
   return _Split(f'TFDS {name} split {split!r}', num_classes, host_sizes, read, decode)

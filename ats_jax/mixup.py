@@ -1,7 +1,9 @@
 """Mixup / CutMix with label smoothing on device, as timm's `Mixup` in 'batch' mode (DeiT).
 
-Each batch draws one lambda; when both are on, CutMix or Mixup is chosen with probability 1/2. The
-batch is mixed with itself reversed, and targets become smoothed one-hot vectors mixed the same way.
+Each batch draws one lambda; when both are on, CutMix or Mixup is chosen with probability 1/2. As
+timm flips each GPU's batch, each process' share of the global batch (`num_groups` contiguous
+chunks, one per process) is mixed with itself reversed: partners never cross hosts. Targets become
+smoothed one-hot vectors mixed the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ def cutmix_box(rng: jax.Array, lam: jax.Array, height: int, width: int) -> jax.A
   return (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
 
 
+def partners(x: jax.Array, num_groups: int) -> jax.Array:
+  """x [B, ...] with each of `num_groups` contiguous chunks of the batch reversed."""
+  b = x.shape[0]
+  if b % num_groups:
+    raise ValueError(f'a batch of {b} does not split into {num_groups} equal groups')
+  grouped = x.reshape(num_groups, b // num_groups, *x.shape[1:])  # [G, B / G, ...]
+  return grouped[:, ::-1].reshape(x.shape)
+
+
 def mix(
   rng: jax.Array,
   images: jax.Array,
@@ -37,13 +48,18 @@ def mix(
   mixup_alpha: float,
   cutmix_alpha: float,
   smoothing: float,
+  num_groups: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
-  """images [B, H, W, C], labels [B] int -> mixed images and soft targets [B, classes]."""
+  """images [B, H, W, C], labels [B] int -> mixed images and soft targets [B, classes].
+
+  Image i of a group is mixed with the group's image from the other end; train_step passes the
+  process count as num_groups.
+  """
   targets = smooth_one_hot(labels, num_classes, smoothing)
   if mixup_alpha <= 0 and cutmix_alpha <= 0:
     return images, targets
   rng_switch, rng_mixup, rng_cutmix, rng_box = jax.random.split(rng, 4)
-  flipped = images[::-1]
+  flipped = partners(images, num_groups)
   a_mixup, a_cutmix = max(mixup_alpha, 1e-6), max(cutmix_alpha, 1e-6)  # unused when <= 0
   lam_mixup = jax.random.beta(rng_mixup, a_mixup, a_mixup)
   lam_cutmix = jax.random.beta(rng_cutmix, a_cutmix, a_cutmix)
@@ -61,4 +77,4 @@ def mix(
     jnp.where(box[None, :, :, None], flipped, images),
     lam_mixup * images + (1.0 - lam_mixup) * flipped,
   )
-  return mixed.astype(images.dtype), lam * targets + (1.0 - lam) * targets[::-1]
+  return mixed.astype(images.dtype), lam * targets + (1.0 - lam) * partners(targets, num_groups)

@@ -1,4 +1,5 @@
-"""DeiT's image preprocessing as per-example TensorFlow functions for tf.data (timm's transforms).
+"""DeiT's image preprocessing as per-example TensorFlow functions for tf.data (timm's transforms),
+from decoding the file as PIL does to the normalised tensor.
 
 Every random choice is stateless, drawn from the `seed` passed in, so a training example's
 augmentation depends only on (run seed, epoch, position): runs are reproducible and resume exactly.
@@ -6,15 +7,57 @@ augmentation depends only on (run seed, epoch, position): runs are reproducible 
 
 from __future__ import annotations
 
+import io
 import math
 
 import ml_collections
+import numpy as np
+import PIL.Image
 import tensorflow as tf
 
 from ats_jax import randaugment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN, DeiT's normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+  """Encoded image bytes -> uint8 [h, w, 3]: the pixels of PIL's `Image.open(f).convert('RGB')`.
+
+  timm, torchvision and the original ATS load images with PIL. JPEGs (found by their magic bytes,
+  whatever the file is called) decode with libjpeg's accurate integer IDCT and fancy upsampling,
+  as PIL does; TF's default fast IDCT is off by up to ~16 levels in half or more of the pixels.
+  CMYK/YCCK JPEGs go through PIL itself: TF converts CMYK to RGB rounding down, PIL to nearest
+  (1 level apart in ~60% of pixels). Other formats (PNG, GIF, BMP) use tf.io.decode_image. Grey
+  becomes RGB; alpha is dropped, as convert('RGB') drops it.
+  """
+
+  def jpeg() -> tf.Tensor:
+    components = tf.io.extract_jpeg_shape(data)[2]
+    return tf.cond(
+      components == 4,
+      lambda: _decode_with_pil(data),
+      lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+    )
+
+  return tf.cond(
+    tf.image.is_jpeg(data),
+    jpeg,
+    lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+  )
+
+
+def _decode_with_pil(data: tf.Tensor) -> tf.Tensor:
+  """PIL's decoding inside the graph (for the rare CMYK JPEG): uint8 [h, w, 3]."""
+
+  def decode(encoded: bytes | np.ndarray) -> np.ndarray:  # eager mode: a 0-d object array
+    data = encoded if isinstance(encoded, bytes) else encoded.item()
+    with PIL.Image.open(io.BytesIO(data)) as image:
+      return np.asarray(image.convert('RGB'))
+
+  image = tf.numpy_function(decode, [data], tf.uint8, stateful=False)
+  image.set_shape((None, None, 3))
+  return image
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:

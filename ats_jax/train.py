@@ -107,6 +107,7 @@ def train_step(
     mixup_alpha=config.aug.mixup,
     cutmix_alpha=config.aug.cutmix,
     smoothing=config.aug.label_smoothing,
+    num_groups=jax.process_count(),  # partners within each host's share, as timm's per GPU
   )
   grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
   drop_rng = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)  # stochastic depth
@@ -193,7 +194,10 @@ def _progress_bar(done: int, total: int) -> None:
 def create_train_state(
   params: nnx.State, tx: optax.GradientTransformation, ema: bool
 ) -> TrainState:
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params if ema else None)
+  """Step 0. The EMA starts equal to the weights but in its own buffers: each step donates the
+  whole state, and XLA refuses to donate one buffer twice."""
+  ema_params = jax.tree.map(jnp.copy, params) if ema else None
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), ema_params)
 
 
 def with_shardings(tree, mesh: jax.sharding.Mesh, fsdp: bool):
@@ -344,7 +348,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str | None, param
   if ckpt.latest_step() is None:
     raise CheckpointError(f'no checkpoint in {ckpt_dir}')
   tx = optim.create_optimizer(config, optax.constant_schedule(0.0))  # the structure is all it needs
-  abstract = jax.eval_shape(lambda: create_train_state(params, tx, config.ema_decay > 0))
+  abstract = jax.eval_shape(lambda p: create_train_state(p, tx, config.ema_decay > 0), params)
   state = ckpt.restore(with_shardings(abstract, sharding.make_mesh(), config.fsdp))
   ckpt.close()
   return state.eval_params

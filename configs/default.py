@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.aug.mixup = 0.8  # Beta(alpha) of Mixup; 0 = off
   config.aug.cutmix = 1.0  # Beta(alpha) of CutMix; 0 = off (one of the two per batch, 50/50)
   config.aug.label_smoothing = 0.1
+  # DeiT's repeated augmentation: an epoch holds each of 1/repeats of the images `repeats` times,
+  # augmented independently and spread over the processes (RASampler); 1 = off
+  config.aug.repeats = 3
 
   # Optimisation (`ats_jax/optim.py`).
   config.batch_size = 1024  # global, over every device of every host

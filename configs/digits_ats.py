@@ -32,6 +32,7 @@ def get_config():
   config.aug.random_erasing = 0.0
   config.aug.mixup = 0.0
   config.aug.cutmix = 0.0
+  config.aug.repeats = 1
 
   config.batch_size = 64
   config.eval_batch_size = 120  # 360 = 3 x 120

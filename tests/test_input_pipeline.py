@@ -12,6 +12,7 @@ import sklearn.datasets
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
+from timm.data.distributed_sampler import RepeatAugSampler
 
 from ats_jax import input_pipeline, preprocessing
 from ats_jax.input_pipeline import DatasetInfo, InputError
@@ -31,6 +32,7 @@ def make_config(name: str = 'digits', data_dir: str = '', **fields):
   # test_full_augmentation_resumes_exactly runs the whole DeiT recipe through the pipeline.
   config.aug.randaugment_num_ops = 0
   config.aug.random_erasing = 0.0
+  config.aug.repeats = 1  # each example once per epoch; repeated augmentation has its own tests
   for key, value in fields.items():
     if key in config.data:
       config.data[key] = value
@@ -59,7 +61,9 @@ def eval_reference(images: list[np.ndarray], crop_pct: float = 0.875) -> np.ndar
 
 
 def decode(path) -> np.ndarray:
-  return tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False).numpy()
+  """The pixels timm's loader reads: PIL's, which the pipeline's decoding must equal."""
+  with Image.open(path) as image:
+    return np.asarray(image.convert('RGB'))
 
 
 def real_examples(batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -387,3 +391,125 @@ def test_full_augmentation_resumes_exactly(folder):
   resumed = input_pipeline.train_batches(config, image_size=SIZE, start_step=3)
   assert_same_batches(take(resumed, 1), reference[3:])
   assert not np.array_equal(reference[0]['image'], reference[1]['image'])
+
+
+# Repeated augmentation: DeiT's RASampler.
+
+
+@pytest.mark.parametrize('num_examples', [10, 31, 1437])
+def test_repeated_share_equals_timm_repeat_aug_sampler(num_examples):
+  """In the epoch's order, each process' share is timm's RepeatAugSampler's (DeiT's RASampler),
+  kept to N // processes examples (timm: N // 256 * 256 / processes, or with selected_round=0 the
+  ceiling of N / processes)."""
+  for num_hosts in (1, 2, 3, 4, 8):
+    for repeats in (2, 3):
+      for host in range(num_hosts):
+        sampler = RepeatAugSampler(
+          range(num_examples), num_hosts, host, shuffle=False, num_repeats=repeats, selected_round=0
+        )
+        ours = input_pipeline.repeated_share(np.arange(num_examples), repeats, host, num_hosts)
+        assert len(ours) == num_examples // num_hosts
+        np.testing.assert_array_equal(ours, list(sampler)[: len(ours)])
+        if num_examples < 100:  # the tf.data version, as TFDS sources use it
+          ds = tf.data.Dataset.from_tensor_slices((np.arange(num_examples), np.zeros(num_examples)))
+          ds = input_pipeline._repeated_share_dataset(ds, num_examples, repeats, host, num_hosts)
+          np.testing.assert_array_equal([int(i) for i, _ in ds.as_numpy_iterator()], ours)
+
+
+INDEXED = 30  # images, each its own class: a label names its image
+
+
+@pytest.fixture(scope='module')
+def indexed_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp('indexed')
+  for split in ('train', 'val'):
+    for i in range(INDEXED):
+      os.makedirs(root / split / f'c{i:02d}')
+      colour = (8 * i, 255 - 8 * i, 90 + 3 * i)
+      write_image(root / split / f'c{i:02d}' / 'a.png', (14 + i % 7, 12 + i % 5), colour)
+  return root
+
+
+def check_repeated_epoch(config, monkeypatch, num_hosts: int) -> np.ndarray:
+  """One epoch of 30 images with repeats 3, batch 6 (5 steps), on each of `num_hosts` simulated
+  processes: 10 images 3 times each, copies spread as RASampler, each copy augmented anew.
+  Returns the labels in the global RASampler order."""
+  labels, images = [], []
+  for host in range(num_hosts):
+    use_processes(monkeypatch, host, num_hosts)
+    batches = take(input_pipeline.train_batches(config, image_size=SIZE), 5)
+    labels.append(np.concatenate([b['label'] for b in batches]))
+    images.append(np.concatenate([b['image'] for b in batches]))
+  counts = np.bincount(np.concatenate(labels), minlength=INDEXED)
+  assert sorted(counts) == [0] * 20 + [3] * 10
+  order = np.empty(INDEXED, np.int32)  # process h holds positions h, h + P, ... of the list
+  for host in range(num_hosts):
+    order[host::num_hosts] = labels[host]
+  assert np.all(order.reshape(10, 3) == order[::3, None])  # each image 3 times in a row
+  for image in np.flatnonzero(counts):
+    holders = [h for h in range(num_hosts) if image in labels[h]]
+    assert len(holders) == min(num_hosts, 3)  # the copies on as many processes as can hold them
+    copies = np.concatenate([x[y == image] for x, y in zip(images, labels, strict=True)])
+    assert all(not np.array_equal(copies[i], copies[j]) for i, j in [(0, 1), (0, 2), (1, 2)])
+  return order
+
+
+@pytest.mark.parametrize('num_hosts', [1, 2, 3])
+def test_repeated_augmentation_folder(indexed_folder, monkeypatch, num_hosts):
+  config = make_config('folder', indexed_folder, eval_split='val', batch_size=6)
+  config.aug.repeats = 3
+  order = check_repeated_epoch(config, monkeypatch, num_hosts)
+  # Every process shuffles alike: the global order does not depend on the process count.
+  use_processes(monkeypatch, 0, 1)
+  epochs = take(input_pipeline.train_batches(config, image_size=SIZE), 10)
+  first = np.concatenate([b['label'] for b in epochs[:5]])
+  np.testing.assert_array_equal(first, order)
+  second = np.concatenate([b['label'] for b in epochs[5:]])
+  assert set(second) != set(first)  # another epoch, another third of the images
+  # Resumes exactly, mid-epoch and across the epoch boundary, on the last process
+  use_processes(monkeypatch, num_hosts - 1, num_hosts)
+  reference = take(input_pipeline.train_batches(config, image_size=SIZE), 7)
+  resumed = input_pipeline.train_batches(config, image_size=SIZE, start_step=3)
+  assert_same_batches(take(resumed, 4), reference[3:7])
+
+
+def test_repeated_augmentation_is_validated(indexed_folder):
+  config = make_config('folder', indexed_folder, eval_split='val', batch_size=6)
+  config.aug.repeats = 0
+  with pytest.raises(InputError, match=r'^aug.repeats must be a whole number >= 1, got 0$'):
+    input_pipeline.train_batches(config, image_size=SIZE)
+
+
+class AtsTestIndexed(tfds.core.GeneratorBasedBuilder):
+  """30 train images, each its own class; 5 test images."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {
+      'image': tfds.features.Image(shape=(None, None, 3)),
+      'label': tfds.features.ClassLabel(num_classes=INDEXED),
+    }
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(INDEXED), 'test': self._generate_examples(5)}
+
+  def _generate_examples(self, n: int):
+    rng = np.random.default_rng(n)
+    for i in range(n):
+      yield i, {'image': rng.integers(0, 256, (9 + i % 4, 11, 3), dtype=np.uint8), 'label': i}
+
+
+def test_repeated_augmentation_tfds(tmp_path, monkeypatch):
+  stats = tfds.download.ComputeStatsMode.SKIP
+  tfds.builder('ats_test_indexed', data_dir=str(tmp_path)).download_and_prepare(
+    download_config=tfds.download.DownloadConfig(compute_stats=stats)
+  )
+  config = make_config('ats_test_indexed', tmp_path, eval_split='test', batch_size=6)
+  config.aug.repeats = 3
+  order = check_repeated_epoch(config, monkeypatch, 2)
+  np.testing.assert_array_equal(check_repeated_epoch(config, monkeypatch, 3), order)
+  reference = take(input_pipeline.train_batches(config, image_size=SIZE), 7)  # process 2 of 3
+  resumed = input_pipeline.train_batches(config, image_size=SIZE, start_step=4)
+  assert_same_batches(take(resumed, 3), reference[4:7])

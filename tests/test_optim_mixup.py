@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from ats_jax import mixup, optim
+from ats_jax import mixup, optim, train
 from ats_jax.models import vit
-from configs import default
+from configs import default, digits_ats
 
 
 def test_learning_rate_scales_with_batch_warms_up_and_decays_to_min_lr():
@@ -62,10 +65,13 @@ def test_targets_without_mixing_are_smoothed_one_hot():
   np.testing.assert_allclose(targets[0], [0.925, 0.025, 0.025, 0.025], rtol=1e-6)
 
 
+@pytest.mark.parametrize('num_groups', [1, 2])
 @pytest.mark.parametrize('mode', ['mixup', 'cutmix'])
-def test_mixed_targets_weigh_the_labels_as_the_pixels_do(mode):
-  """Image i mixed with image B-1-i: its target weight on label i is the share of its pixels."""
-  b, size = 4, 16
+def test_mixed_targets_weigh_the_labels_as_the_pixels_do(mode, num_groups):
+  """Image i (pixels and label i) mixed with its group's mirror image: the target weighs each of
+  the two labels as the pixels do. Two groups: as two processes' shares, each mixed in itself."""
+  b, size = 8, 16
+  partner = {1: np.arange(b)[::-1], 2: np.array([3, 2, 1, 0, 7, 6, 5, 4])}[num_groups]
   images = jnp.broadcast_to(
     jnp.arange(b, dtype=jnp.float32)[:, None, None, None], (b, size, size, 3)
   )
@@ -76,11 +82,46 @@ def test_mixed_targets_weigh_the_labels_as_the_pixels_do(mode):
   )
   for seed in range(5):
     out, targets = mixup.mix(
-      jax.random.key(seed), images, jnp.arange(b), b, smoothing=0.0, **alphas
+      jax.random.key(seed), images, jnp.arange(b), b, smoothing=0.0, num_groups=num_groups, **alphas
     )
     out, targets = np.asarray(out), np.asarray(targets)
     np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
-    # image 0 (value 0) mixed with image 3 (value 3): mean pixel = 3 * weight of label 3
-    np.testing.assert_allclose(out[0].mean() / 3, targets[0, 3], atol=1e-5)
+    others = np.ones_like(targets, bool)
+    others[np.arange(b), np.arange(b)] = others[np.arange(b), partner] = False
+    assert not targets[others].any()  # only image i's and its partner's labels
+    # mean pixel = the labels weighted by the target (pixel value = label)
+    np.testing.assert_allclose(out.mean((1, 2, 3)), targets @ np.arange(b), atol=1e-5)
     if mode == 'cutmix':
-      assert set(np.unique(out[0])) <= {0.0, 3.0}  # pasted, not blended
+      for i in range(b):
+        assert set(np.unique(out[i])) <= {float(i), float(partner[i])}  # pasted, not blended
+
+
+def test_partners_reverse_each_group():
+  x = jnp.arange(6)
+  np.testing.assert_array_equal(mixup.partners(x, 1), [5, 4, 3, 2, 1, 0])
+  np.testing.assert_array_equal(mixup.partners(x, 3), [1, 0, 3, 2, 5, 4])
+  with pytest.raises(ValueError, match='a batch of 6 does not split into 4 equal groups'):
+    mixup.partners(x, 4)
+
+
+def test_train_step_mixes_within_each_process(monkeypatch):
+  """train_step groups the global batch by process: jax.process_count() contiguous shares."""
+  config = digits_ats.get_config()
+  config.model_overrides.update(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2)
+  config.ats_blocks, config.aug.mixup = (), 0.8
+  graphdef, params = nnx.split(train.build_model(config, num_classes=10))
+  schedule = optax.constant_schedule(1e-3)
+  tx = optim.create_optimizer(config, schedule)
+  state = train.create_train_state(params, tx, ema=False)
+  batch = {'image': jnp.zeros((4, 8, 8, 3)), 'label': jnp.zeros((4,), jnp.int32)}
+  groups = []
+  real_mix = mixup.mix
+  monkeypatch.setattr(
+    mixup, 'mix', lambda *a, **k: groups.append(k['num_groups']) or real_mix(*a, **k)
+  )
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  step = functools.partial(
+    train.train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=config, num_classes=10
+  )
+  jax.eval_shape(step, state, batch)
+  assert groups == [2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -69,6 +70,25 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(mixing):
     assert np.mean(losses[-5:]) < 0.95 * np.mean(losses[:5]), losses
   else:
     assert losses[-1] < 0.7 * losses[0] and np.all(np.diff(losses[:10]) < 0), losses
+
+
+def test_a_distilled_model_trains_both_heads_on_the_labels():
+  """No teacher: the loss is the cross-entropy of the two heads' averaged logits (what evaluation
+  reads), so both heads get the same gradient at their output: equal bias gradients."""
+  config = tiny_config(model='deit_tiny_distilled_patch16_224', ats_blocks=())
+  graphdef, params = nnx.split(train.build_model(config, num_classes=10))
+  batch = next(input_pipeline.train_batches(config, image_size=16))
+  targets = jax.nn.one_hot(batch['label'], 10)
+
+  def loss(p):
+    return train.loss_and_stats(p, graphdef, batch['image'], targets)[0]
+
+  grads = jax.jit(jax.grad(loss))(params)
+  head, head_dist = (np.asarray(grads[name]['bias'][...]) for name in ('head', 'head_dist'))
+  assert np.abs(head).max() > 1e-3
+  np.testing.assert_allclose(head_dist, head, rtol=1e-6)
+  kernels = [np.asarray(grads[name]['kernel'][...]) for name in ('head', 'head_dist')]
+  assert all(np.abs(k).max() > 1e-3 for k in kernels)
 
 
 def test_evaluation_counts_every_example_once_with_a_partial_last_batch():
@@ -190,6 +210,59 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(tmp_path
     assert {k: v for k, v in again[name].items() if k != 'images_per_sec'} == {
       k: v for k, v in expected[name].items() if k != 'images_per_sec'
     }
+
+
+def restore_state(config, workdir, step: int) -> train.TrainState:
+  """The whole train state saved at `step`, on the host."""
+  params = nnx.split(nnx.eval_shape(lambda: train.build_model(config, num_classes=10)))[1]
+  tx = optim.create_optimizer(config, optax.constant_schedule(0.0))
+  abstract = jax.eval_shape(lambda p: train.create_train_state(p, tx, config.ema_decay > 0), params)
+  ckpt = train.checkpointing.Checkpointer(workdir / 'checkpoints', 10)
+  state = ckpt.restore(train.with_shardings(abstract, sharding.make_mesh(), False), step)
+  ckpt.close()
+  return jax.tree.map(np.asarray, state)
+
+
+def test_ema_trains_resumes_and_is_what_evaluation_reads(tmp_path):
+  """--config.ema_decay: every step's EMA by hand, resume, and evaluation of the EMA, not params."""
+  config = tiny_config(ema_decay=0.99, num_steps=4, checkpoint_every_steps=1)
+  flags = ('--config.ema_decay=0.99', '--config.num_steps=4', '--config.checkpoint_every_steps=1')
+  finish(run_main(tmp_path / 'whole', *flags))
+  ema = nnx.state(train.build_model(config, num_classes=10))  # step 0: the initial weights
+  ema = jax.tree.map(lambda x: np.asarray(x, np.float64), ema)
+  for step in range(1, 5):
+    state = restore_state(config, tmp_path / 'whole', step)
+    ema = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, ema, state.params)
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), state.ema_params, ema
+    )
+  moved = jax.tree.leaves(jax.tree.map(lambda p, e: np.abs(p - e).max(), state.params, ema))
+  assert max(moved) > 5e-4  # the EMA lags the weights: evaluating one is not the other
+
+  # Killed after step 2: the rerun ends where the whole run did, EMA included.
+  shutil.copytree(tmp_path / 'whole', tmp_path / 'killed')
+  for step in ('3', '4'):
+    shutil.rmtree(tmp_path / 'killed' / 'checkpoints' / step)
+  os.remove(tmp_path / 'killed' / 'eval_results.json')
+  finish(run_main(tmp_path / 'killed', *flags))
+  jax.tree.map(np.testing.assert_array_equal, restore_state(config, tmp_path / 'killed', 4), state)
+
+  # Training's evaluation and mode=evaluate's weights are the EMA.
+  jax.tree.map(
+    np.testing.assert_array_equal, final_params(config, tmp_path / 'killed'), state.ema_params
+  )
+  graphdef = nnx.split(train.build_model(config, num_classes=10))[0]
+
+  def evaluate(params) -> dict:
+    mesh = sharding.make_mesh()
+    result = train.evaluate(config, graphdef, params, mesh, 16, ats_blocks=(1,), num_examples=360)
+    return {k: v for k, v in result.items() if k != 'images_per_sec'}
+
+  reported = json.loads((tmp_path / 'killed' / 'eval_results.json').read_text())['ats']
+  reported = {k: v for k, v in reported.items() if k != 'images_per_sec'}
+  reported['kept_tokens'] = {int(k): v for k, v in reported['kept_tokens'].items()}
+  assert reported == evaluate(state.ema_params)
+  assert reported != evaluate(state.params)
 
 
 def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path):

@@ -1,0 +1,170 @@
+"""Image files decode as PIL decodes them (timm's loader), so eval tensors are timm's DeiT eval's.
+
+The JPEGs are scikit-learn's sample photos written by PIL at several qualities and chroma
+subsamplings, odd sizes (partial MCUs), progressive, grey and CMYK; beside them a PNG named .JPEG
+and an RGBA PNG. Each file is its own class, so a label names the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+from sklearn.datasets import load_sample_images
+from timm.data import create_transform
+
+from ats_jax import input_pipeline, preprocessing
+from configs import default
+
+STD_LEVELS = 255 * np.array(preprocessing.IMAGENET_STD)  # one normalised unit, in 0..255 levels
+SIZE = 16  # the train and TFDS checks: the decode is what they test, not the resize
+
+
+def cmyk(rgb: np.ndarray) -> Image.Image:
+  """RGB as CMYK with the grey component in K (K = 0, as PIL's own conversion, tests little)."""
+  cmy = 255 - rgb.astype(np.int32)
+  k = cmy.min(-1, keepdims=True)
+  return Image.fromarray(np.concatenate([cmy - k, k], -1).astype(np.uint8), 'CMYK')
+
+
+@functools.cache
+def encoded_files() -> dict[str, bytes]:
+  """File name -> bytes, in sorted order (the class index order)."""
+  china, flower = load_sample_images().images  # [427, 640, 3] uint8 each
+  cases = {
+    'cmyk.JPEG': (cmyk(china[40:, :455]), dict(quality=90)),
+    'grey.JPEG': (Image.fromarray(flower).convert('L'), dict(quality=85)),
+    'png_named.JPEG': (Image.fromarray(flower[100:, :300]), dict(format='PNG')),
+    'q50_420.JPEG': (Image.fromarray(china[:301, :257]), dict(quality=50, subsampling=2)),
+    'q75_444.jpg': (Image.fromarray(flower[13:400, 5:390]), dict(quality=75, subsampling=0)),
+    'q85_progressive.JPEG': (Image.fromarray(china[::-1, 17:]), dict(quality=85, progressive=True)),
+    'q90_422.JPEG': (Image.fromarray(flower[:333, 21:462]), dict(quality=90, subsampling=1)),
+    'q95_420.jpeg': (Image.fromarray(china[50:, 100:]), dict(quality=95, subsampling=2)),
+    'rgba.png': (Image.fromarray(china[:260, :280]).convert('RGBA'), dict()),
+  }
+  files = {}
+  for name, (image, options) in sorted(cases.items()):
+    buffer = io.BytesIO()
+    options.setdefault('format', 'PNG' if name.endswith('.png') else 'JPEG')
+    image.save(buffer, **options)
+    files[name] = buffer.getvalue()
+  return files
+
+
+def pil_rgb(data: bytes) -> Image.Image:
+  """What timm's ImageDataset loads: Image.open(f).convert('RGB')."""
+  return Image.open(io.BytesIO(data)).convert('RGB')
+
+
+@pytest.fixture(scope='module')
+def photo_dir(tmp_path_factory):
+  """<root>/{train,val}/<file name>/<file>: each file its own class."""
+  root = tmp_path_factory.mktemp('photos')
+  for split in ('train', 'val'):
+    for name, data in encoded_files().items():
+      (root / split / name.replace('.', '_')).mkdir(parents=True)
+      (root / split / name.replace('.', '_') / name).write_bytes(data)
+  return root
+
+
+def make_config(name: str, data_dir, **aug):
+  config = default.get_config()
+  config.data.name = name
+  config.data.data_dir = str(data_dir)
+  config.data.eval_split = 'val' if name == 'folder' else 'test'
+  config.batch_size = config.eval_batch_size = len(encoded_files())
+  config.aug.update(random_resized_crop=False, hflip=0.0, randaugment_num_ops=0)
+  config.aug.update(random_erasing=0.0, repeats=1, **aug)  # an epoch: each file once
+  return config
+
+
+def test_decode_image_equals_pil_bit_for_bit():
+  for name, data in encoded_files().items():
+    expected = np.asarray(pil_rgb(data))
+    got = preprocessing.decode_image(tf.constant(data)).numpy()
+    assert got.dtype == np.uint8 and got.shape == expected.shape, name
+    np.testing.assert_array_equal(got, expected, err_msg=name)
+    # What TF gives by itself: the fast IDCT (colour and grey JPEGs), CMYK rounded down
+    tf_default = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+    differs = np.mean(np.any(tf_default != expected, axis=-1))
+    if name.endswith('png') or name == 'png_named.JPEG':
+      assert differs == 0, name
+    else:  # measured: 49-95% of the pixels, by up to 4-14 levels
+      assert differs > 0.4, (name, differs)
+
+
+def test_folder_eval_equals_timm_deit_eval_transform(photo_dir):
+  config = make_config('folder', photo_dir)
+  (batch,) = input_pipeline.eval_batches(config, image_size=224)
+  transform = create_transform(
+    224,
+    is_training=False,
+    interpolation='bicubic',
+    crop_pct=0.875,
+    mean=preprocessing.IMAGENET_MEAN,
+    std=preprocessing.IMAGENET_STD,
+  )
+  assert batch['mask'].all()
+  np.testing.assert_array_equal(batch['label'], np.arange(len(encoded_files())))
+  for got, data in zip(batch['image'], encoded_files().values(), strict=True):
+    expected = transform(pil_rgb(data)).permute(1, 2, 0).numpy()  # [224, 224, 3]
+    levels = np.abs(got - expected) * STD_LEVELS
+    # measured: 1 level in < 1e-3 of values (PIL's resize, reproduced in TF); with TF's default
+    # decoding up to 12 levels, 0.5-1.3 on average
+    assert levels.max() <= 1.001 and levels.mean() <= 0.005, (levels.max(), levels.mean())
+
+
+def test_folder_train_images_are_pil_decoded(photo_dir):
+  """Augmentation off, a train image is train_image of PIL's pixels, exactly."""
+  config = make_config('folder', photo_dir)
+  batch = next(input_pipeline.train_batches(config, image_size=SIZE))
+  files = list(encoded_files().values())
+  assert sorted(batch['label']) == list(range(len(files)))  # one epoch: each file once
+  for got, label in zip(batch['image'], batch['label'], strict=True):
+    pixels = tf.constant(np.asarray(pil_rgb(files[label])))
+    expected = preprocessing.train_image(pixels, tf.constant([0, 0]), SIZE, config.aug).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+class AtsTestPhotos(tfds.core.GeneratorBasedBuilder):
+  """encoded_files() stored as they are, as TFDS stores ImageNet's JPEGs."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {
+      'image': tfds.features.Image(shape=(None, None, 3)),
+      'label': tfds.features.ClassLabel(num_classes=len(encoded_files())),
+    }
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(), 'test': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, data in enumerate(encoded_files().values()):
+      yield i, {'image': data, 'label': i}
+
+
+def test_tfds_records_decode_as_pil(tmp_path):
+  stats = tfds.download.ComputeStatsMode.SKIP
+  tfds.builder('ats_test_photos', data_dir=str(tmp_path)).download_and_prepare(
+    download_config=tfds.download.DownloadConfig(compute_stats=stats)
+  )
+  config = make_config('ats_test_photos', tmp_path)
+  files = list(encoded_files().values())
+  pixels = [tf.constant(np.asarray(pil_rgb(data))) for data in files]
+  (batch,) = input_pipeline.eval_batches(config, image_size=SIZE)
+  for got, label in zip(batch['image'], batch['label'], strict=True):
+    expected = preprocessing.eval_image(pixels[label], SIZE, config.data.crop_pct).numpy()
+    np.testing.assert_array_equal(got, expected)
+  batch = next(input_pipeline.train_batches(config, image_size=SIZE))
+  assert sorted(batch['label']) == list(range(len(files)))
+  for got, label in zip(batch['image'], batch['label'], strict=True):
+    expected = preprocessing.train_image(pixels[label], tf.constant([0, 0]), SIZE, config.aug)
+    np.testing.assert_array_equal(got, expected.numpy())
