@@ -80,8 +80,8 @@ def init_from(model: nnx.Module, path: str, name: str) -> None:
   load_params(model, params, f'the model (init_from {path})')
 
 
-def loss_and_stats(params, graphdef, images, targets, rng):
-  """Cross-entropy on soft targets; `rng` drives stochastic depth."""
+def loss_and_stats(params, graphdef, images, targets, rng=None):
+  """Cross-entropy on soft targets; `rng` drives stochastic depth (None: none)."""
   logits, stats = nnx.merge(graphdef, params)(images, return_stats=True, rng=rng)
   loss = optax.softmax_cross_entropy(logits, targets).mean()
   return loss, stats

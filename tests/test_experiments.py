@@ -79,3 +79,15 @@ def test_photos_are_prepared_exactly_as_timm_prepares_them():
     np.testing.assert_allclose(photos.eval_transform(photo, 224), expected, atol=1e-6)
   batch = photos.photos(24, size=32)
   assert batch.shape == (24, 32, 32, 3) and len({x.tobytes() for x in batch}) == 24
+
+
+def test_device_check_runs_and_its_parity_lines_hold(tmp_path):
+  """The accelerator check on this CPU at tiny sizes, so it cannot rot between GPU sessions."""
+  fast = dict(JAX_DISABLE_MOST_OPTIMIZATIONS='true')
+  proc = run_module('experiments.device_check', '--small', f'--out={tmp_path}', **fast)
+  report = (tmp_path / 'benchmark_cpu.md').read_text()
+  assert 'ATS packed vs padded: kept tokens equal: True' in report
+  diff = float(report.split('dense vs timm (float32): max |logit diff| ')[1].split()[0])
+  assert diff < 1e-4
+  assert report.count('| deit_tiny_patch16_224 |') == 8  # 2 batch sizes x 4 rows
+  assert 'train packed' in report and 'train padded' in report and 'wrote' in proc.stdout
