@@ -123,7 +123,9 @@ def bench_model(name: str, batch: int, repeats: int, peak: float, dtype: str) ->
   options = dict(dtype=jnp.dtype(dtype))
   models = {
     'jax dense': flax_twin(reference, name, **options),
-    'jax ATS packed': flax_twin(reference, name, ats_blocks=ATS_BLOCKS, **options),
+    'jax ATS packed': flax_twin(
+      reference, name, ats_blocks=ATS_BLOCKS, execution='packed', **options
+    ),
     'jax ATS padded': flax_twin(
       reference, name, ats_blocks=ATS_BLOCKS, execution='padded', **options
     ),

@@ -44,9 +44,9 @@ def parity(name: str, images: np.ndarray, peak: float) -> list[str]:
   results = {}
   for key, options in {
     'dense': {},
-    'packed': dict(ats_blocks=benchmark.ATS_BLOCKS),
+    'packed': dict(ats_blocks=benchmark.ATS_BLOCKS, execution='packed'),
     'padded': dict(ats_blocks=benchmark.ATS_BLOCKS, execution='padded'),
-    'bf16': dict(ats_blocks=benchmark.ATS_BLOCKS, dtype=jnp.bfloat16),
+    'bf16': dict(ats_blocks=benchmark.ATS_BLOCKS, execution='packed', dtype=jnp.bfloat16),
   }.items():
     model = benchmark.flax_twin(reference, name, **options)
     with jax.default_matmul_precision('highest' if key != 'bf16' else 'default'):

@@ -8,8 +8,8 @@ dropped greyed out, titled with the tokens it kept (cls included, as `stats['kep
   python -m experiments.visualize_tokens --images=a.jpg,b.png --out=/tmp/tokens --json=/tmp/t.json
 
 Images default to the eval split for the digits model and to scikit-learn's two sample photos
-otherwise. The kept patches are traced with the function each ATS block picks its rows with
-(`ats_jax.models.ats.sample_rows`), running the model block by block (padded execution); the script
+otherwise. The kept patches are traced with the rows each ATS block reports (`return_rows`),
+running the model block by block (padded execution); the script
 checks the traced counts against the model's own stats.
 """
 
@@ -28,7 +28,7 @@ from flax import nnx
 from sklearn.datasets import load_sample_images
 
 from ats_jax import input_pipeline, preprocessing
-from ats_jax.models import ats, vit
+from ats_jax.models import vit
 from experiments import trained
 
 matplotlib.use('Agg')
@@ -54,11 +54,10 @@ def trace_tokens(model: vit.VisionTransformer, images: jax.Array) -> dict:
   ids = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # [B, N0]
   mask, kept_ids = None, []
   for block in model.blocks:
+    x, mask, rows = block(x, mask, return_rows=True)
     if block.sampling is not None:
-      rows, valid, _, _ = ats.sample_rows(block, x, mask, block.sampling)  # as the block does
-      ids = jnp.where(valid > 0, jnp.take_along_axis(ids, rows, axis=1), -1)  # [B, K]
+      ids = jnp.where(mask > 0, jnp.take_along_axis(ids, rows, axis=1), -1)  # [B, K]
       kept_ids.append(ids)
-    x, mask = block(x, mask)
   return {
     'kept_ids': kept_ids,
     'logits': model.head_logits(x),

@@ -122,7 +122,10 @@ def test_token_caps():
 
 
 def tiny(**overrides):
-  model = vit_lib.VisionTransformer(**TINY | overrides, rngs=nnx.Rngs(0))
+  """TINY with short ladders (packed execution compiles a branch per size: tests stay quick)."""
+  model = vit_lib.VisionTransformer(
+    **TINY | dict(pack_sizes=2, attention_sizes=2) | overrides, rngs=nnx.Rngs(0)
+  )
   model.eval()
   return model
 

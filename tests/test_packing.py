@@ -176,3 +176,12 @@ def test_deit_s_training_step_memory_in_packed_execution_at_most_padded():
     compiled = jax.jit(step).lower(params, images, labels).compile()
     temp[execution] = compiled.memory_analysis().temp_size_in_bytes
   assert temp['packed'] <= 1.15 * temp['padded'], temp
+
+
+def test_auto_execution_is_packed_on_cpu_and_padded_on_gpu(monkeypatch):
+  assert vit_lib.VisionTransformer(**TINY, rngs=nnx.Rngs(0)).execution == 'packed'  # this CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  model = vit_lib.VisionTransformer(**TINY, rngs=nnx.Rngs(0))
+  assert (model.execution, model.pack_sizes, model.attention_sizes) == ('padded', 0, 0)
+  with pytest.raises(ValueError, match='execution must be one of'):
+    vit_lib.VisionTransformer(**TINY, execution='compacted', rngs=nnx.Rngs(0))

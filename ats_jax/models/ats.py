@@ -78,13 +78,14 @@ def sample_and_attend(
   k: jax.Array,
   v: jax.Array,
   sampling: Sampling,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """An ATS block's attention: score with the cls row, sample, attend only the rows kept.
 
   x [B, N, C] (the block input), mask [B, N] or None, q, k, v [B, H, N, d] (zero at padded
   tokens, as the spec's ATS blocks zero them) -> the kept inputs
   [B, K, C] (the residual), their mask [B, K] float (prefix tokens, then the picks) and their
-  attention output [B, K, C] before `proj`. K is the cap, or N when fewer slots come in.
+  attention output [B, K, C] before `proj`, and the kept rows [B, K] (input slots). K is the cap, or
+  N when fewer slots come in.
   """
   b, n, _ = x.shape
   p = sampling.num_prefix_tokens
@@ -98,4 +99,4 @@ def sample_and_attend(
   q_kept = jnp.take_along_axis(q, rows[:, None, :, None], axis=2)  # [B, H, K, d]
   weights = attention_ops.attention_weights(q_kept, k, mask) * new_mask[:, None, :, None]
   x_kept = jnp.take_along_axis(x, rows[:, :, None], axis=1)  # [B, K, C]
-  return x_kept, new_mask, attention_ops.attend(weights, v)
+  return x_kept, new_mask, attention_ops.attend(weights, v), rows

@@ -19,7 +19,17 @@ from ats_jax.ops import attention as attention_ops
 from ats_jax.ops import packing
 
 LAYER_NORM_EPS = 1e-6  # timm's ViT LayerNorm, not PyTorch's 1e-5 default.
-EXECUTIONS = ('packed', 'padded')  # how blocks after the first ATS block run: `ats_jax.ops.packing`
+EXECUTIONS = ('auto', 'packed', 'padded')  # how blocks after the first ATS block run (`packing`)
+
+
+def resolve_execution(execution: str) -> str:
+  """'auto': packed, except on GPUs, where each of its conditionals syncs with the host and padded
+  execution measured faster (H100, bf16, batch 256: README, Results)."""
+  if execution not in EXECUTIONS:
+    raise ValueError(f'execution must be one of {EXECUTIONS}, got {execution!r}')
+  if execution == 'auto':
+    return 'padded' if jax.default_backend() == 'gpu' else 'packed'
+  return execution
 
 
 def _linear(din: int, dout: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -139,36 +149,39 @@ class Block(nnx.Module):
     pack_sizes: int = 0,
     attention_sizes: int = 0,
     drop: jax.Array | None = None,
-  ) -> tuple[jax.Array, jax.Array | None]:
+    return_rows: bool = False,
+  ) -> tuple[jax.Array, ...]:
     """x [B, N, C] and its token mask [B, N] (None: every token real) -> the same, updated.
 
     `pack_sizes` > 0 runs per-token work packed on that ladder, 0 padded; `attention_sizes` > 0
     runs attention on the fewest slots that hold the fullest image (`ats_jax.ops.packing`).
     `drop` [B, 2]: the per-image scales of the attention and MLP residuals (stochastic depth),
-    None at eval.
+    None at eval. `return_rows` also returns the input slot of each output slot [B, K].
     """
     qkv = packing.token_map(_qkv, (self.norm1, self.attn.qkv), x, mask=mask, num_sizes=pack_sizes)[
       0
     ]
     out_size = x.shape[1] if self.sampling is None else min(self.sampling.cap, x.shape[1])
-    x, mask, out = packing.slot_map(
+    x, mask, out, rows = packing.slot_map(
       self._attend, x, qkv, mask=mask, out_size=out_size, num_sizes=attention_sizes
     )
     extra = () if drop is None else (jnp.broadcast_to(drop[:, None], (*x.shape[:2], 2)),)
     modules = (self.attn.proj, self.norm2, self.mlp)
     x = packing.token_map(_residuals, modules, out, x, *extra, mask=mask, num_sizes=pack_sizes)[0]
-    return x, mask
+    return (x, mask, rows) if return_rows else (x, mask)
 
   def _attend(self, x: jax.Array, qkv: jax.Array, mask: jax.Array | None):
     """The block's attention, per image: x [B, N, C], qkv [B, N, 3C] -> the residual inputs, their
-    mask and the attention output [B, Q, C] before `proj` (Q = N, or the rows ATS keeps)."""
+    mask, the attention output [B, Q, C] before `proj` (Q = N, or the rows ATS keeps) and the
+    input slot of each output row [B, Q]."""
     q, k, v = self.attn.heads(qkv)  # [B, H, N, d]
     if mask is not None:  # padded tokens carry nothing, whatever their slots hold
       real = mask[:, None, :, None] > 0
       q, k, v = (jnp.where(real, t, 0) for t in (q, k, v))
     if self.sampling is not None:
       return ats.sample_and_attend(x, mask, q, k, v, self.sampling)
-    return x, mask, attention_ops.attend(attention_ops.attention_weights(q, k, mask), v)
+    out = attention_ops.attend(attention_ops.attention_weights(q, k, mask), v)
+    return x, mask, out, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
 
 
 class VisionTransformer(nnx.Module):
@@ -177,9 +190,10 @@ class VisionTransformer(nnx.Module):
   `ats_blocks`/`num_tokens` turn on ATS (`ats_jax.models.ats`). After the first ATS block,
   `execution='packed'` runs per-token work on the batch's real tokens only, packed into one stream
   rounded up to a ladder of `pack_sizes` sizes, and attention on the fewest of `attention_sizes`
-  slot counts that hold the fullest image (`ats_jax.ops.packing`); 'padded' runs every slot.
-  Both give the same predictions. `drop_path_rate`: stochastic depth (timm's linear rule over the
-  blocks), active only when the forward gets an `rng`.
+  slot counts that hold the fullest image (`ats_jax.ops.packing`); 'padded' runs every slot;
+  'auto' (default) is `resolve_execution`'s choice. All give the same predictions.
+  `drop_path_rate`: stochastic depth (timm's linear rule over the blocks), active only when the
+  forward gets an `rng`.
   """
 
   def __init__(
@@ -195,7 +209,7 @@ class VisionTransformer(nnx.Module):
     distilled: bool = False,
     ats_blocks: Sequence[int] = (),
     num_tokens: float | Sequence[float] = 197,
-    execution: str = 'packed',
+    execution: str = 'auto',
     pack_sizes: int = 8,
     attention_sizes: int = 4,
     drop_path_rate: float = 0.0,
@@ -213,8 +227,7 @@ class VisionTransformer(nnx.Module):
     plan = ats.sampling_plan(
       depth, num_patches + self.num_prefix_tokens, self.num_prefix_tokens, ats_blocks, num_tokens
     )
-    if execution not in EXECUTIONS:
-      raise ValueError(f'execution must be one of {EXECUTIONS}, got {execution!r}')
+    execution = resolve_execution(execution)
     for name, sizes in (('pack_sizes', pack_sizes), ('attention_sizes', attention_sizes)):
       if sizes < 1:
         raise ValueError(f'{name} must be >= 1 (1: one size, no switch), got {sizes}')
@@ -240,13 +253,13 @@ class VisionTransformer(nnx.Module):
     self.head_dist = _linear(embed_dim, num_classes, dtype, rngs) if distilled else None
 
   def embed(self, images: jax.Array) -> jax.Array:
-    """Patch tokens with cls (and dist) prepended, plus position embedding: [B, N0, C]."""
+    """Patch tokens with cls (and dist) prepended, plus position embedding: [B, N0, C] float32."""
     if images.ndim != 4 or images.shape[1:] != (self.img_size, self.img_size, 3):
       raise ValueError(
         f'expected images of shape [B, {self.img_size}, {self.img_size}, 3] (NHWC), '
         f'got {tuple(images.shape)}'
       )
-    x = self.patch_embed(images)
+    x = self.patch_embed(images).astype(jnp.float32)  # the residual stream is float32
     b = x.shape[0]
     prefix = [self.cls_token[...]] + ([self.dist_token[...]] if self.dist_token is not None else [])
     prefix = [jnp.broadcast_to(t, (b, 1, t.shape[-1])).astype(x.dtype) for t in prefix]
@@ -282,7 +295,8 @@ class VisionTransformer(nnx.Module):
     stats['gflops'] [B]: the image's cost at the tokens it kept (`ats_jax.flops`).
     `rng` (training): drops residual branches per image with `drop_path_rate`.
     """
-    x = self.embed(images.astype(self.dtype))  # [B, N0, C]
+    # The residual stream stays float32 (as under torch.autocast): only the layers compute in dtype
+    x = self.embed(images.astype(self.dtype))  # [B, N0, C] float32
     b = x.shape[0]
     drops = [None] * len(self.blocks)
     if rng is not None and self.drop_path_rate > 0:
