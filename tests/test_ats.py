@@ -187,8 +187,11 @@ def test_ats_model_has_the_dense_parameter_tree_and_loads_its_checkpoint(tmp_pat
   }
 
 
+_forward_with_stats = nnx.jit(lambda m, x: m(x, return_stats=True))  # one cache for every test
+
+
 def run_ats(model, images):
-  return nnx.jit(lambda m, x: m(x, return_stats=True))(model, images)
+  return _forward_with_stats(model, images)
 
 
 def test_batch_independence(tiny_images):
