@@ -41,6 +41,7 @@ def tiny_config(**changes):
   config.checkpoint_every_steps = 2
   config.keep_checkpoints = 10
   config.log_every_steps = 1
+  config.drop_path = 0.2  # stochastic depth on: resume and sharding must reproduce its draws
   for key, value in changes.items():
     config[key] = value
   return config
@@ -140,6 +141,7 @@ TINY_FLAGS = [
   'checkpoint_every_steps=2',
   'keep_checkpoints=10',
   'log_every_steps=1',
+  'drop_path=0.2',  # stochastic depth on: resume and sharding must reproduce its draws
 ]
 
 
@@ -176,8 +178,8 @@ def test_eight_devices_train_as_one_replicated_or_fsdp(tmp_path):
   params = final_params(tiny_config(), tmp_path / 'one')
   for name in ('eight', 'fsdp'):
     np.testing.assert_allclose(losses(tmp_path / name), reference, rtol=1e-5, err_msg=name)
-    jax.tree.map(
-      lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6),
+    jax.tree.map(  # 8 devices pack 4 images each: float32 sums in another order
+      lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5),
       params,
       final_params(tiny_config(), tmp_path / name),
     )
