@@ -24,6 +24,7 @@ class Checkpointer:
 
   def save(self, step: int, state) -> None:
     """Starts an asynchronous save; training goes on while it is written."""
+    logging.info('Saving checkpoint %d to %s', step, self.manager.directory)
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def restore(self, abstract_state, step: int | None = None):
