@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
     if config.mode == 'describe':
       describe(config)
       return
-    workdir = os.path.abspath(_WORKDIR.value) if _WORKDIR.value else None
+    workdir = runtime.absolute(_WORKDIR.value) if _WORKDIR.value else None  # or gs://...
     if config.mode == 'train':
       results = train.train_and_evaluate(config, workdir)
     else:

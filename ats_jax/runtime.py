@@ -70,6 +70,11 @@ def quiet_library_logs(*own_paths: str) -> None:
   handler.addFilter(_OwnInfoOnly(_OWN_PATHS + tuple(own_paths)))
 
 
+def absolute(path: str) -> str:
+  """A local path made absolute (orbax requires it); a URL such as gs://bucket/run kept as is."""
+  return path if '://' in path else os.path.abspath(path)
+
+
 def default_cache_dir() -> str:
   """$XDG_CACHE_HOME/ats_jax/xla, else ~/.cache/ats_jax/xla: shared by every run of the user."""
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
@@ -82,7 +87,7 @@ def enable_compile_cache(directory: str, min_compile_secs: float = 1.0) -> str |
   that compile faster than `min_compile_secs` are not stored. Returns the directory used."""
   if not directory:
     return None
-  directory = default_cache_dir() if directory == 'auto' else os.path.abspath(directory)
+  directory = default_cache_dir() if directory == 'auto' else absolute(directory)
   jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', float(min_compile_secs))
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

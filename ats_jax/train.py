@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
 from flax import nnx
 
 from ats_jax import checkpointing, input_pipeline, mixup, optim, runtime, sharding
@@ -315,9 +316,9 @@ def log_parameters(params: nnx.State, workdir: str) -> None:
   """One line: the parameter count; the per-array table goes to WORKDIR/parameters.txt."""
   pure = params.to_pure_dict()
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'parameters.txt'), 'w') as f:
-      f.write(parameter_overview.get_parameter_overview(pure) + '\n')
+    path = epath.Path(workdir) / 'parameters.txt'  # a local folder or gs://
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(parameter_overview.get_parameter_overview(pure) + '\n')
   count = parameter_overview.count_parameters(pure)
   table = os.path.join(workdir, 'parameters.txt')
   logging.info('Parameters: %s (table in %s)', f'{count:,}', table)
@@ -365,7 +366,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None) 
 def restore_params(config: ml_collections.ConfigDict, workdir: str | None, params: nnx.State):
   """The weights (EMA when kept) of the latest train state in `workdir`, on the host."""
   ckpt_dir = os.path.join(workdir or '', 'checkpoints')
-  if not workdir or not os.path.isdir(ckpt_dir):
+  if not workdir or not epath.Path(ckpt_dir).is_dir():
     raise CheckpointError(
       f'nothing to evaluate: set config.checkpoint, or --workdir to a training run (no {ckpt_dir})'
     )
@@ -388,9 +389,9 @@ def write_results(results, workdir: str, writer, step: int | None) -> None:
       )
     writer.flush()
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    path = epath.Path(workdir) / 'eval_results.json'  # a local folder or gs://
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
