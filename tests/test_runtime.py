@@ -128,3 +128,35 @@ def test_quiet_logs_then_a_second_evaluation_loads_every_program_from_the_cache(
   verbose = run_main(tmp_path / 'run', *cache, '--verbosity=1')
   assert 'checkpoint_manager.py' in verbose.stderr
   assert cache_use(verbose.stderr)[1] == 0
+
+
+def test_auto_cache_dir_paths_and_the_progress_bar(monkeypatch, tmp_path, capsys):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  before = (
+    jax.config.jax_compilation_cache_dir,
+    jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
+  try:
+    assert runtime.enable_compile_cache('auto') == str(tmp_path / 'ats_jax' / 'xla')
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'ats_jax' / 'xla')
+    assert runtime.enable_compile_cache('') is None
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before[0])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', before[1])
+  assert runtime.absolute('gs://bucket/run') == 'gs://bucket/run'
+  assert runtime.absolute('run') == str(tmp_path.cwd() / 'run')
+  monkeypatch.setattr(runtime, 'is_terminal', lambda stream=None: True)
+  for done in range(1, 4):
+    train._progress(done, 3)
+  bar = capsys.readouterr().err
+  assert bar.count('\r') == 3 and bar.endswith('] 3/3\n') and bar.count('\n') == 1
+  monkeypatch.setattr(runtime, 'is_terminal', lambda stream=None: False)
+  for done in range(1, 50):
+    train._progress(done, 49)
+  lines = capsys.readouterr().err.splitlines()
+  assert lines == [
+    'eval 13/49 batches',
+    'eval 25/49 batches',
+    'eval 37/49 batches',
+    'eval 49/49 batches',
+  ]
