@@ -2,7 +2,9 @@
 
 Modes (`config.mode`): 'train' (resumes from DIR's latest checkpoint, then evaluates), 'evaluate'
 (`config.checkpoint`, else DIR's latest checkpoint), 'describe' (the zoo, one timed forward pass).
-On several hosts run the same command on each; `jax.distributed.initialize()` finds the others.
+On several hosts run the same command on each; `jax.distributed.initialize()` finds the others
+(`config.distributed`). Compiled programs go to JAX's persistent cache (`config.compile_cache_dir`),
+so a second start skips compilation. Library INFO logs show with `--verbosity=1`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from ats_jax import flops, input_pipeline, train, zoo
+from ats_jax import flops, runtime, zoo
 from ats_jax.models import CheckpointError, create_model
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,6 +33,8 @@ MODES = ('train', 'evaluate', 'describe')
 
 def describe(config: ml_collections.ConfigDict) -> None:
   """Prints the zoo, then builds the configured model and times one jitted forward pass."""
+  from ats_jax import train
+
   print(zoo.zoo_table(), end='\n\n')
   model = create_model(
     config.model,
@@ -52,7 +56,8 @@ def describe(config: ml_collections.ConfigDict) -> None:
   kept = np.asarray(stats['kept_tokens']).mean(0)
   print(
     f'{config.model} ({"weights: " + config.checkpoint if config.checkpoint else "random init"},'
-    f' {config.dtype}, ATS blocks {list(config.ats_blocks)}) on {jax.devices()[0].platform}\n'
+    f' {jnp.dtype(model.dtype).name}, ATS blocks {list(config.ats_blocks)})'
+    f' on {jax.devices()[0].platform}\n'
     f'  mean kept tokens per block: {" ".join(f"{k:.1f}" for k in kept)}\n'
     f'  GFLOPs/image: {float(np.mean(stats["gflops"])):.2f}'
     f' (dense {flops.dense_gflops(model.spec):.2f})\n'
@@ -80,34 +85,26 @@ def main(argv: list[str]) -> None:
     sys.exit(f'error: config.mode={config.mode!r} is not one of {MODES}')
   if config.mode == 'train' and not _WORKDIR.value:
     sys.exit('error: training needs --workdir (checkpoints, metrics and results go there)')
-  if _multi_host():
-    jax.distributed.initialize()
+  runtime.quiet_native_logs(verbose=flags.FLAGS.verbosity > 0)
+  runtime.quiet_library_logs(os.path.abspath(__file__))
+  from ats_jax import input_pipeline, train  # after quieting: they load TensorFlow
+
+  cache = runtime.enable_compile_cache(config.compile_cache_dir, config.compile_cache_min_secs)
   try:
+    runtime.initialize_distributed(config.distributed)
     if config.mode == 'describe':
       describe(config)
       return
-    workdir = os.path.abspath(_WORKDIR.value) if _WORKDIR.value else None
+    workdir = runtime.absolute(_WORKDIR.value) if _WORKDIR.value else None  # or gs://...
     if config.mode == 'train':
       results = train.train_and_evaluate(config, workdir)
     else:
       results = train.evaluate_checkpoint(config, workdir)
   except (CheckpointError, input_pipeline.InputError, ValueError) as e:
     sys.exit(f'error: {e}')
+  runtime.log_cache_use(cache)
   if results is not None:
     print_results(results)
-
-
-def _multi_host() -> bool:
-  """True under a cluster launcher that JAX's auto-detection knows (Slurm, Open MPI, TPU pods)."""
-  return any(
-    v in os.environ
-    for v in (
-      'SLURM_NTASKS',
-      'OMPI_COMM_WORLD_SIZE',
-      'TPU_WORKER_HOSTNAMES',
-      'JAX_COORDINATOR_ADDRESS',
-    )
-  )
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -10,13 +10,16 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from ats_jax import runtime
+
 
 class Checkpointer:
-  """Keeps the last `keep` train states under `directory` (made absolute, as orbax requires)."""
+  """Keeps the last `keep` train states under `directory` (made absolute, as orbax requires; a
+  gs:// bucket works too)."""
 
   def __init__(self, directory: str | os.PathLike, keep: int):
     self.manager = ocp.CheckpointManager(
-      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=keep)
+      runtime.absolute(str(directory)), options=ocp.CheckpointManagerOptions(max_to_keep=keep)
     )
 
   def latest_step(self) -> int | None:
@@ -24,6 +27,7 @@ class Checkpointer:
 
   def save(self, step: int, state) -> None:
     """Starts an asynchronous save; training goes on while it is written."""
+    logging.info('Saving checkpoint %d to %s', step, self.manager.directory)
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def restore(self, abstract_state, step: int | None = None):

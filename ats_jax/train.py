@@ -23,9 +23,10 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
 from flax import nnx
 
-from ats_jax import checkpointing, input_pipeline, mixup, optim, sharding
+from ats_jax import checkpointing, input_pipeline, mixup, optim, runtime, sharding
 from ats_jax.models import create_model, pretrained, vit
 from ats_jax.models.factory import load_params
 from ats_jax.models.timm_convert import CheckpointError
@@ -49,7 +50,7 @@ class TrainState:
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config's `create_model` options: dtype, ATS, execution and architecture overrides."""
   return dict(
-    dtype=jnp.dtype(config.dtype),
+    dtype=runtime.compute_dtype(config.dtype),
     ats_blocks=tuple(config.ats_blocks),
     num_tokens=tuple(config.num_tokens),
     execution=config.execution,
@@ -152,9 +153,7 @@ def evaluate(
 ) -> dict[str, Any]:
   """One pass over the eval split (`num_examples` long, for the progress bar): top-1/5, kept
   tokens per block, GFLOPs/image, images/s."""
-  step = jax.jit(
-    functools.partial(eval_step, graphdef=graphdef), out_shardings=sharding.replicated(mesh)
-  )
+  step = eval_step_fn(graphdef, mesh)
   batches = input_pipeline.eval_batches(config, image_size=image_size)
   num_batches = math.ceil(num_examples / config.eval_batch_size)
   totals, seconds, timed_images = None, 0.0, 0
@@ -167,7 +166,7 @@ def evaluate(
       seconds += time.perf_counter() - start
       timed_images += config.eval_batch_size
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    _progress_bar(i + 1, num_batches)
+    _progress(i + 1, num_batches)
   count = float(totals['count'])
   kept = totals['kept_tokens'] / count
   return {
@@ -180,9 +179,24 @@ def evaluate(
   }
 
 
-def _progress_bar(done: int, total: int) -> None:
-  """A one-line progress bar on stderr (host 0 only)."""
+@functools.cache
+def eval_step_fn(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
+  """The jitted `eval_step`, built once per (architecture, mesh): periodic evaluation reuses its
+  compiled program instead of compiling it again."""
+  return jax.jit(
+    functools.partial(eval_step, graphdef=graphdef), out_shardings=sharding.replicated(mesh)
+  )
+
+
+def _progress(done: int, total: int) -> None:
+  """Evaluation progress on stderr (host 0 only): a bar redrawn in place on a terminal; in a log
+  file a plain line at each quarter."""
   if jax.process_index():
+    return
+  if not runtime.is_terminal():
+    if (4 * done) // total > (4 * (done - 1)) // total:
+      sys.stderr.write(f'eval {done}/{total} batches\n')
+      sys.stderr.flush()
     return
   width = 30
   filled = int(width * min(done, total) / max(total, 1))
@@ -248,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = int(state.step)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
-    parameter_overview.log_parameter_overview(params.to_pure_dict(), msg='Parameters')
+    log_parameters(params, workdir)
     writer.write_hparams(_flat_hparams(config))
   step_fn = jax.jit(
     functools.partial(
@@ -298,6 +312,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return evaluate_state(total)
 
 
+def log_parameters(params: nnx.State, workdir: str) -> None:
+  """One line: the parameter count; the per-array table goes to WORKDIR/parameters.txt."""
+  pure = params.to_pure_dict()
+  if jax.process_index() == 0:
+    path = epath.Path(workdir) / 'parameters.txt'  # a local folder or gs://
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(parameter_overview.get_parameter_overview(pure) + '\n')
+  count = parameter_overview.count_parameters(pure)
+  table = os.path.join(workdir, 'parameters.txt')
+  logging.info('Parameters: %s (table in %s)', f'{count:,}', table)
+
+
 def evaluate_all(
   config: ml_collections.ConfigDict,
   graphdef: nnx.GraphDef,
@@ -340,7 +366,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None) 
 def restore_params(config: ml_collections.ConfigDict, workdir: str | None, params: nnx.State):
   """The weights (EMA when kept) of the latest train state in `workdir`, on the host."""
   ckpt_dir = os.path.join(workdir or '', 'checkpoints')
-  if not workdir or not os.path.isdir(ckpt_dir):
+  if not workdir or not epath.Path(ckpt_dir).is_dir():
     raise CheckpointError(
       f'nothing to evaluate: set config.checkpoint, or --workdir to a training run (no {ckpt_dir})'
     )
@@ -363,9 +389,9 @@ def write_results(results, workdir: str, writer, step: int | None) -> None:
       )
     writer.flush()
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    path = epath.Path(workdir) / 'eval_results.json'  # a local folder or gs://
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -26,7 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.pack_sizes = 8  # stream sizes, geometric from a quarter of the slots to all; 1: no switch
   config.attention_sizes = 4  # attention runs on the fewest of these slot counts; 1: no switch
   config.drop_path = 0.1  # stochastic depth in training (DeiT's), timm's linear rule over blocks
-  config.dtype = 'float32'  # computation dtype; 'bfloat16' on accelerators. Params stay float32.
+  # Computation dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU; or 'float32', 'bfloat16'.
+  # Parameters, logits and ATS scores stay float32.
+  config.dtype = 'auto'
 
   # Data (`ats_jax/input_pipeline.py`).
   config.data = ml_collections.ConfigDict()
@@ -67,6 +69,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Parallelism (`ats_jax/sharding.py`).
   config.fsdp = False  # shard parameters and optimiser state over the data axis (large models)
+
+  # Start-up.
+  # jax.distributed.initialize(): 'auto' under Slurm, Open MPI, a TPU pod or with
+  # JAX_COORDINATOR_ADDRESS set; 'on' always (e.g. TPU pod slices); 'off' never (one host).
+  config.distributed = 'auto'
+  # JAX's persistent compilation cache: 'auto' = ~/.cache/ats_jax/xla ($XDG_CACHE_HOME); a path;
+  # '' = off. A second start loads compiled programs instead of compiling them.
+  config.compile_cache_dir = 'auto'
+  config.compile_cache_min_secs = 1.0  # programs compiling faster than this are not cached
 
   # Checkpoints, logging, evaluation.
   config.checkpoint_every_steps = 1000

@@ -3,8 +3,8 @@
 Noise makes every image keep about the same tokens and hides what ATS really costs: a batch of real
 photos mixes busy and plain images. The photos ship inside scikit-image and scikit-learn (nothing is
 downloaded); past them come random square crops and mirror images, deterministic in `seed`. The
-transform is timm's own path (PIL bicubic resize of the short side to size / 0.875, centre crop,
-ImageNet mean/std), so this module needs no TensorFlow: it runs on a bare accelerator machine too.
+transform is timm's own path (`ats_jax.images.eval_transform`: PIL bicubic resize of the short side
+to size / 0.875, centre crop, ImageNet mean/std), so this module needs no TensorFlow.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from PIL import Image
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as DeiT
-CROP_PCT = 0.875
+from ats_jax.images import eval_transform
 
 # scikit-image's bundled photographs (RGB and greyscale, 191 to 1,411 px), scenes and textures.
 SKIMAGE_PHOTOS = (
@@ -58,15 +56,3 @@ def photos(count: int, size: int = 224, seed: int = 0) -> np.ndarray:
         photo = photo[:, ::-1]
     out.append(eval_transform(np.ascontiguousarray(photo), size))
   return np.stack(out)
-
-
-def eval_transform(photo: np.ndarray, size: int) -> np.ndarray:
-  """DeiT's eval transform as timm runs it: uint8 [h, w, 3] -> float32 [size, size, 3]."""
-  image = Image.fromarray(photo)
-  short = int(size / CROP_PCT)
-  w, h = image.size
-  new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-  image = image.resize(new, Image.BICUBIC)
-  left, top = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
-  image = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255
-  return (image - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)

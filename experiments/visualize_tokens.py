@@ -8,9 +8,9 @@ dropped greyed out, titled with the tokens it kept (cls included, as `stats['kep
   python -m experiments.visualize_tokens --images=a.jpg,b.png --out=/tmp/tokens --json=/tmp/t.json
 
 Images default to the eval split for the digits model and to scikit-learn's two sample photos
-otherwise. The kept patches are traced with the rows each ATS block reports (`return_rows`),
-running the model block by block (padded execution); the script
-checks the traced counts against the model's own stats.
+otherwise. The kept patches are traced with the rows each ATS block reports
+(`ats_jax.token_pictures.trace_tokens`, which `python -m ats_jax.predict --save_tokens` uses too);
+the script checks the traced counts against the model's own stats.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ import matplotlib
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
-from flax import nnx
 from sklearn.datasets import load_sample_images
 
 from ats_jax import input_pipeline, preprocessing
-from ats_jax.models import vit
+from ats_jax.token_pictures import grey_dropped, patch_keep_map, trace_tokens
 from experiments import trained
 
 matplotlib.use('Agg')
@@ -37,33 +36,6 @@ from matplotlib import pyplot as plt  # noqa: E402  (after choosing the headless
 PANEL_INCHES = 1.6  # each panel is PANEL_INCHES * DPI pixels square: the PNG size is exact
 DPI = 100
 FLAGS = flags.FLAGS
-DROPPED_GREY = 0.5  # dropped patches are blended towards this grey
-DROPPED_ALPHA = 0.75
-
-
-@nnx.jit
-def trace_tokens(model: vit.VisionTransformer, images: jax.Array) -> dict:
-  """Runs the model block by block, following each slot's original token.
-
-  Returns 'kept_ids': per ATS block the original token index of each output slot [B, K] (-1 for
-  padding; index - num_prefix_tokens is the patch, row-major), 'logits' of this block-by-block run,
-  and the model's own 'model_logits' and 'model_kept_tokens' [B, depth] to check the trace with.
-  """
-  model_logits, stats = model(images, return_stats=True)
-  x = model.embed(images.astype(model.dtype))  # [B, N0, C]
-  ids = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # [B, N0]
-  mask, kept_ids = None, []
-  for block in model.blocks:
-    x, mask, rows = block(x, mask, return_rows=True)
-    if block.sampling is not None:
-      ids = jnp.where(mask > 0, jnp.take_along_axis(ids, rows, axis=1), -1)  # [B, K]
-      kept_ids.append(ids)
-  return {
-    'kept_ids': kept_ids,
-    'logits': model.head_logits(x),
-    'model_logits': model_logits,
-    'model_kept_tokens': stats['kept_tokens'],
-  }
 
 
 def load_images(paths: list[str], size: int, crop_pct: float) -> np.ndarray:
@@ -94,13 +66,6 @@ def default_images(config, size: int, count: int) -> tuple[np.ndarray, list[str]
   return batch['image'][picks], [f'digit {batch["label"][i]}' for i in picks]
 
 
-def patch_keep_map(ids: np.ndarray, prefix: int, grid: int) -> np.ndarray:
-  """Kept token ids of one image [K] -> a bool [grid, grid] map of the patches kept."""
-  keep = np.zeros(grid * grid, bool)
-  keep[ids[ids >= prefix] - prefix] = True
-  return keep.reshape(grid, grid)
-
-
 def draw(images, names, kept_ids, counts, blocks, model, path: str) -> None:
   """One row per image: the input, then per ATS block the kept patches (dropped ones greyed)."""
   shown = np.clip(images * preprocessing.IMAGENET_STD + preprocessing.IMAGENET_MEAN, 0, 1)
@@ -113,9 +78,7 @@ def draw(images, names, kept_ids, counts, blocks, model, path: str) -> None:
     panels = [(shown[r], names[r])]
     for j, block in enumerate(blocks):
       keep = patch_keep_map(kept_ids[j][r], model.num_prefix_tokens, grid)
-      keep = np.repeat(np.repeat(keep, patch, 0), patch, 1)[..., None]  # [S, S, 1]
-      grey = (1 - DROPPED_ALPHA) * shown[r] + DROPPED_ALPHA * DROPPED_GREY
-      panels.append((np.where(keep, shown[r], grey), f'block {block}: {counts[r, j]} kept'))
+      panels.append((grey_dropped(shown[r], keep, patch), f'block {block}: {counts[r, j]} kept'))
     for ax, (image, title) in zip(axes[r], panels, strict=True):
       ax.imshow(image, interpolation='nearest')  # digits stay crisp when scaled up
       ax.set_title(title, fontsize=8)

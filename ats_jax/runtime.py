@@ -1,0 +1,149 @@
+"""The process around the model: quiet logs, JAX's persistent compilation cache, multi-host start-up
+and the computation dtype for the platform. Used by `main.py` and `python -m ats_jax.predict`."""
+
+from __future__ import annotations
+
+import collections
+import logging as std_logging
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+DISTRIBUTED = ('auto', 'on', 'off')
+# Environment variables of the cluster launchers `jax.distributed.initialize()` auto-detects.
+CLUSTER_VARIABLES = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES')
+ACCELERATORS = ('gpu', 'tpu')
+CACHE_EVENTS = {
+  '/jax/compilation_cache/cache_hits': 'hits',
+  '/jax/compilation_cache/cache_misses': 'misses',
+}
+cache_counts: collections.Counter = collections.Counter()
+_OWN_PATHS = (
+  os.path.dirname(os.path.abspath(__file__)),  # ats_jax
+  os.sep + 'clu' + os.sep,  # metrics, steps/s and ETA
+)
+
+
+def quiet_native_logs(verbose: bool) -> None:
+  """TensorFlow's C++ start-up lines (oneDNN notices, absl::InitializeLog warnings) off unless
+  `verbose`: TensorFlow is imported with the process's stderr closed, and its INFO lines are off.
+
+  Python errors still show (they are raised after stderr is back). An explicit
+  TF_CPP_MIN_LOG_LEVEL wins.
+  """
+  if verbose or 'tensorflow' in sys.modules:
+    return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    import tensorflow  # noqa: F401  (its oneDNN notice ignores TF_CPP_MIN_LOG_LEVEL)
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+class _OwnInfoOnly(std_logging.Filter):
+  """Keeps warnings and errors from everyone, INFO only from this project and clu's writers."""
+
+  def __init__(self, own_paths: tuple[str, ...]):
+    super().__init__()
+    self.own_paths = own_paths
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING or logging.get_verbosity() > logging.INFO:
+      return True
+    return any(p in record.pathname for p in self.own_paths)
+
+
+def quiet_library_logs(*own_paths: str) -> None:
+  """Orbax's, JAX's and TensorFlow's INFO lines off at the default verbosity (`-v 1` shows them);
+  `own_paths` (files or folders) keep theirs."""
+  handler = logging.get_absl_handler()
+  handler.filters = [f for f in handler.filters if not isinstance(f, _OwnInfoOnly)]
+  handler.addFilter(_OwnInfoOnly(_OWN_PATHS + tuple(own_paths)))
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute (orbax requires it); a URL such as gs://bucket/run kept as is."""
+  return path if '://' in path else os.path.abspath(path)
+
+
+def default_cache_dir() -> str:
+  """$XDG_CACHE_HOME/ats_jax/xla, else ~/.cache/ats_jax/xla: shared by every run of the user."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'ats_jax', 'xla')
+
+
+def enable_compile_cache(directory: str, min_compile_secs: float = 1.0) -> str | None:
+  """JAX's persistent compilation cache in `directory` ('auto': `default_cache_dir()`; '': off):
+  a second run of the same program loads its executables instead of compiling them. Programs
+  that compile faster than `min_compile_secs` are not stored. Returns the directory used."""
+  if not directory:
+    return None
+  directory = default_cache_dir() if directory == 'auto' else absolute(directory)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', float(min_compile_secs))
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  if not cache_counts:
+    jax.monitoring.register_event_listener(_count_cache_event)
+    cache_counts.update(hits=0, misses=0)
+  return directory
+
+
+def _count_cache_event(event: str, **kwargs) -> None:
+  del kwargs
+  if event in CACHE_EVENTS:
+    cache_counts[CACHE_EVENTS[event]] += 1
+
+
+def log_cache_use(directory: str | None) -> None:
+  """One line: how many programs came from the persistent cache and how many were compiled."""
+  if directory:
+    logging.info(
+      'Compilation cache %s: %d programs loaded, %d compiled',
+      directory,
+      cache_counts['hits'],
+      cache_counts['misses'],
+    )
+
+
+def initialize_distributed(mode: str, environ: dict | None = None) -> bool:
+  """`jax.distributed.initialize()` when `mode` says so: 'on' always (TPU pod slices, any
+  launcher JAX detects), 'off' never, 'auto' under Slurm, Open MPI, a TPU pod or an explicit
+  JAX_COORDINATOR_ADDRESS. Returns whether it initialised."""
+  if mode not in DISTRIBUTED:
+    raise ValueError(f'config.distributed={mode!r} is not one of {DISTRIBUTED}')
+  environ = os.environ if environ is None else environ
+  detected = any(v in environ for v in (*CLUSTER_VARIABLES, 'JAX_COORDINATOR_ADDRESS'))
+  if mode == 'on' or (mode == 'auto' and detected):
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def platform() -> str:
+  """The default backend's platform: 'cpu', 'gpu' or 'tpu'."""
+  return jax.default_backend()
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """`config.dtype`: 'auto' is bfloat16 on GPU/TPU and float32 on CPU; else the named dtype.
+
+  Only the computation: parameters, logits and ATS scores stay float32 (the model keeps them so).
+  """
+  if name == 'auto':
+    return jnp.dtype(jnp.bfloat16 if platform() in ACCELERATORS else jnp.float32)
+  return jnp.dtype(name)
+
+
+def is_terminal(stream=None) -> bool:
+  """Whether `stream` (default stderr) is a terminal: only there may a progress bar redraw."""
+  stream = sys.stderr if stream is None else stream
+  return hasattr(stream, 'isatty') and stream.isatty()

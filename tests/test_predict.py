@@ -1,0 +1,110 @@
+"""`python -m ats_jax.predict` on scikit-image's photos with a random-weight DeiT-T checkpoint."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.torch
+import skimage.data
+import timm
+import torch
+from PIL import Image
+
+from ats_jax import flops, images, predict
+from ats_jax.models import get_spec
+from tests.conftest import random_timm_model
+from tests.test_train import ENV
+
+NAME = 'deit_tiny_patch16_224'
+ATS = ','.join(map(str, range(3, 12)))
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  """A .safetensors of a random DeiT-T with sharp attention (q, k x4: ATS drops patches, as with
+  trained weights), and three photos: RGB PNG, JPEG, greyscale PNG."""
+  tmp = tmp_path_factory.mktemp('predict')
+  model = random_timm_model(NAME, seed=1)
+  with torch.no_grad():
+    for block in model.blocks:
+      block.attn.qkv.weight[: 2 * model.embed_dim] *= 4
+  safetensors.torch.save_file(model.state_dict(), tmp / 'w.safetensors')
+  photos = []
+  for name, suffix in (('astronaut', 'png'), ('coffee', 'jpg'), ('camera', 'png')):
+    Image.fromarray(getattr(skimage.data, name)()).save(tmp / f'{name}.{suffix}')
+    photos.append(str(tmp / f'{name}.{suffix}'))
+  return model, str(tmp / 'w.safetensors'), photos, tmp
+
+
+def test_class_names_are_imagenets_in_class_order():
+  names = predict.imagenet_classes()
+  assert len(names) == 1000 and names[0] == 'tench, Tinca tinca'
+  assert names[207] == 'golden retriever'
+  assert predict.class_names(10)[3] == 'class 3'
+
+
+def test_dense_predictions_are_timms_from_the_same_file(files):
+  reference, checkpoint, photos, _ = files
+  model = predict.load_model(checkpoint, dtype='float32')  # variant inferred from the shapes
+  got = predict.predict(model, photos)
+  transform = timm.data.create_transform(224, crop_pct=0.875, interpolation='bicubic')  # DeiT's
+  names = predict.imagenet_classes()
+  for path, p in zip(photos, got, strict=True):
+    pil = Image.open(path).convert('RGB')
+    np.testing.assert_allclose(
+      images.eval_transform(np.asarray(pil), 224),
+      transform(pil).permute(1, 2, 0).numpy(),
+      atol=1e-5,
+    )
+    with torch.no_grad():
+      probs = reference(transform(pil)[None]).softmax(-1)[0].numpy()
+    best = np.argsort(-probs)[:5]
+    assert [n for n, _ in p.top] == [names[c] for c in best]
+    np.testing.assert_allclose([q for _, q in p.top], probs[best], atol=1e-4)
+    assert p.kept_tokens == [197] * 12
+    assert p.gflops == pytest.approx(flops.dense_gflops(get_spec(NAME)), rel=1e-6)
+
+
+def test_cli_prints_classes_kept_tokens_gflops_and_writes_token_pictures(files):
+  _, checkpoint, photos, tmp = files
+  out = tmp / 'tokens'
+  proc = subprocess.run(
+    [sys.executable, '-m', 'ats_jax.predict', f'--checkpoint={checkpoint}', f'--ats_blocks={ATS}']
+    + ['--num_tokens=197', f'--save_tokens={out}', f'--compile_cache_dir={tmp / "cache"}']
+    + [f'--model={NAME}', '--top=3', '--dtype=float32']
+    + photos,
+    capture_output=True,
+    text=True,
+    env=ENV,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  heads = re.findall(r'^(\S+): ([\d.]+) GFLOPs, kept tokens per ATS block (.*)$', proc.stdout, re.M)
+  assert [h[0] for h in heads] == photos
+  names = set(predict.imagenet_classes())
+  for lines in proc.stdout.split('GFLOPs')[1:]:
+    top = re.findall(r'^ +([\d.]+)%  (.+)$', lines, re.M)
+    assert len(top) == 3 and all(name in names for _, name in top)
+    assert [float(q) for q, _ in top] == sorted((float(q) for q, _ in top), reverse=True)
+  for image, gflops, kept in heads:
+    counts = [int(k.split(':')[1]) for k in kept.split()]
+    assert [int(k.split(':')[0]) for k in kept.split()] == list(range(3, 12))
+    assert counts == sorted(counts, reverse=True) and counts[-1] < 197, image
+    assert float(gflops) < 1.25
+    picture = np.asarray(Image.open(out / (image.rsplit('/', 1)[1].rsplit('.', 1)[0] + '.png')))
+    assert picture.shape == (224, 10 * 224 + 9 * 4, 3)
+    photo, last = picture[:, :224].astype(int), picture[:, -224:].astype(int)
+    changed = np.abs(photo - last).max(-1) > 0  # [224, 224]: the patches block 11 dropped
+    greyed = changed.reshape(14, 16, 14, 16).any((1, 3)).sum()
+    assert greyed == 196 - (counts[-1] - 1) > 0  # every patch but the kept ones (cls aside)
+  errors = subprocess.run(
+    [sys.executable, '-m', 'ats_jax.predict', f'--checkpoint={checkpoint}', str(tmp / 'no.jpg')],
+    capture_output=True,
+    text=True,
+    env=ENV,
+  )
+  assert errors.returncode == 1 and errors.stderr.strip().endswith('no.jpg')
+  assert errors.stderr.strip().splitlines()[-1].startswith('error: no such image file')

@@ -1,0 +1,162 @@
+"""Start-up around the model: dtype per platform, the distributed switch, compiling once, logs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ats_jax import runtime, sharding, train
+from ats_jax.models import vit
+from tests.test_train import ENV, TINY_FLAGS, tiny_config
+
+
+@pytest.mark.parametrize(
+  ('platform', 'name', 'expected'),
+  [
+    ('gpu', 'auto', jnp.bfloat16),
+    ('tpu', 'auto', jnp.bfloat16),
+    ('cpu', 'auto', jnp.float32),
+    ('gpu', 'float32', jnp.float32),
+    ('cpu', 'bfloat16', jnp.bfloat16),
+  ],
+)
+def test_auto_dtype_is_bfloat16_on_accelerators_and_params_logits_stay_float32(
+  monkeypatch, platform, name, expected
+):
+  monkeypatch.setattr(runtime, 'platform', lambda: platform)
+  config = tiny_config(dtype=name)
+  assert train.model_options(config)['dtype'] == jnp.dtype(expected)
+  model = train.build_model(config, num_classes=10)
+  model.eval()
+  assert model.dtype == jnp.dtype(expected)
+  assert {p.dtype for p in vit.param_dict(model).values()} == {jnp.dtype(jnp.float32)}
+  images = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+  logits, stats = model(images, return_stats=True)
+  assert logits.dtype == jnp.float32 and stats['gflops'].dtype == jnp.float32
+
+
+def test_the_distributed_switch(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda: calls.append(1))
+  cluster, alone = {'SLURM_NTASKS': '4'}, {}
+  assert not runtime.initialize_distributed('auto', alone)
+  assert runtime.initialize_distributed('auto', cluster)
+  assert runtime.initialize_distributed('auto', {'TPU_WORKER_HOSTNAMES': 'a,b'})
+  assert runtime.initialize_distributed('on', alone)  # e.g. a TPU pod slice
+  assert not runtime.initialize_distributed('off', cluster)
+  assert len(calls) == 3
+  with pytest.raises(ValueError, match="config.distributed='yes' is not one of"):
+    runtime.initialize_distributed('yes', alone)
+
+
+def test_periodic_evaluation_compiles_its_step_once():
+  config = tiny_config()
+  graphdef, params = nnx.split(train.build_model(config, num_classes=10))
+  mesh = sharding.make_mesh()
+  compiles = []
+  listener = lambda event, duration, **kw: compiles.append(event)  # noqa: E731
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    results = []
+    for _ in range(2):  # as eval_every_steps does: the same architecture, new parameters
+      params = jax.tree.map(lambda p: p * 1.01, params)
+      compiles.clear()
+      results.append(train.evaluate(config, graphdef, params, mesh, 16, (1,), 360))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert '/jax/core/compile/backend_compile_duration' not in compiles  # the second pass
+  assert results[0]['examples'] == results[1]['examples'] == 360
+
+
+def run_main(workdir, *overrides: str) -> subprocess.CompletedProcess:
+  """main.py on the tiny digits config, stderr a pipe (not a terminal), as in a log file."""
+  args = [f'--config.{k}' for k in TINY_FLAGS] + ['--config.eval_batch_size=120']
+  return subprocess.run(
+    [sys.executable, 'main.py', '--config=configs/digits_ats.py', f'--workdir={workdir}', *args]
+    + list(overrides),
+    capture_output=True,
+    text=True,
+    check=True,
+    env={k: v for k, v in ENV.items() if k != 'TF_CPP_MIN_LOG_LEVEL'},  # as a user has it
+  )
+
+
+def cache_use(stderr: str) -> tuple[int, int]:
+  """(loaded, compiled) from main.py's compilation cache line."""
+  found = re.findall(r'Compilation cache .*: (\d+) programs loaded, (\d+) compiled', stderr)
+  assert len(found) == 1, stderr
+  return int(found[0][0]), int(found[0][1])
+
+
+def test_quiet_logs_then_a_second_evaluation_loads_every_program_from_the_cache(tmp_path):
+  # Training, quietly: one line per checkpoint, no orbax/TensorFlow chatter, no redrawn bar.
+  trained = run_main(
+    tmp_path / 'run',
+    '--config.num_steps=4',
+    '--config.distributed=off',
+    '--config.compile_cache_dir=',
+  )
+  lines = (trained.stdout + trained.stderr).splitlines()
+  assert len(lines) <= 30, '\n'.join(lines)
+  saves = [line for line in lines if 'Saving checkpoint' in line]
+  assert [s.split('Saving checkpoint ')[1].split()[0] for s in saves] == ['2', '4']
+  for chatter in ('checkpoint_manager.py', 'oneDNN', 'absl::InitializeLog', 'xla_bridge', '\r'):
+    assert chatter not in trained.stderr, chatter
+  assert 'Compilation cache' not in trained.stderr  # '' turns it off
+  assert trained.stderr.count('eval 3/3 batches') == 2  # ats and dense, plain lines
+  assert '| ats |' in trained.stdout and '| dense |' in trained.stdout
+  assert 'Parameters: ' in trained.stderr and (tmp_path / 'run' / 'parameters.txt').exists()
+
+  # Evaluate twice, identically: the second run compiles nothing.
+  cache = ('--config.mode=evaluate', f'--config.compile_cache_dir={tmp_path / "cache"}')
+  cache += ('--config.compile_cache_min_secs=0',)
+  first, second = (run_main(tmp_path / 'run', *cache) for _ in range(2))
+  loaded, compiled = cache_use(first.stderr)
+  assert loaded == 0 and compiled > 0
+  assert cache_use(second.stderr) == (compiled, 0)
+  rows = [run.stdout.splitlines()[2].split('|')[1:5] for run in (first, second)]
+  assert rows[0] == rows[1]  # model, top-1, top-5, GFLOPs
+
+  # --verbosity=1 shows orbax's lines again.
+  verbose = run_main(tmp_path / 'run', *cache, '--verbosity=1')
+  assert 'checkpoint_manager.py' in verbose.stderr
+  assert cache_use(verbose.stderr)[1] == 0
+
+
+def test_auto_cache_dir_paths_and_the_progress_bar(monkeypatch, tmp_path, capsys):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  before = (
+    jax.config.jax_compilation_cache_dir,
+    jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
+  try:
+    assert runtime.enable_compile_cache('auto') == str(tmp_path / 'ats_jax' / 'xla')
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'ats_jax' / 'xla')
+    assert runtime.enable_compile_cache('') is None
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before[0])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', before[1])
+  assert runtime.absolute('gs://bucket/run') == 'gs://bucket/run'
+  assert runtime.absolute('run') == str(tmp_path.cwd() / 'run')
+  monkeypatch.setattr(runtime, 'is_terminal', lambda stream=None: True)
+  for done in range(1, 4):
+    train._progress(done, 3)
+  bar = capsys.readouterr().err
+  assert bar.count('\r') == 3 and bar.endswith('] 3/3\n') and bar.count('\n') == 1
+  monkeypatch.setattr(runtime, 'is_terminal', lambda stream=None: False)
+  for done in range(1, 50):
+    train._progress(done, 49)
+  lines = capsys.readouterr().err.splitlines()
+  assert lines == [
+    'eval 13/49 batches',
+    'eval 25/49 batches',
+    'eval 37/49 batches',
+    'eval 49/49 batches',
+  ]
