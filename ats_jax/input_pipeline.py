@@ -48,6 +48,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from ats_jax import preprocessing
+from ats_jax.models import registry
 
 BUILTIN_NAMES = ('digits', 'folder')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-case: ImageNet's are '.JPEG'
@@ -145,8 +146,12 @@ def eval_batches(
   if num_batches == 0:
     raise InputError(f'{split.description} has no examples')
 
+  data = eval_data_config(config)
+
   def prepare(record: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
-    image = preprocessing.eval_image(split.decode(record), image_size, config.data.crop_pct)
+    image = preprocessing.eval_image(
+      split.decode(record), image_size, data.crop_pct, data.interpolation, data.mean, data.std
+    )
     return {'image': image, 'label': tf.cast(label, tf.int32), 'mask': tf.constant(True)}
 
   padding = {
@@ -169,6 +174,17 @@ def eval_batches(
     first=0,
     batch=batch,
   )
+
+
+def eval_data_config(config: ml_collections.ConfigDict) -> registry.DataConfig:
+  """Eval preprocessing: each of config.data.{mean, std, crop_pct, interpolation} that is set (not
+  None) wins; the rest come from config.data.checkpoint_data (what the evaluated checkpoint
+  records, set by `train.evaluate_checkpoint`), else from the variant's registered weights."""
+  data = config.data
+  variant = registry.DATA.get(config.get('model'), registry.DEIT_DATA)
+  base = data.get('checkpoint_data') or variant.to_json()
+  fields = {f: data.get(f) if data.get(f) is not None else base[f] for f in base}
+  return registry.DataConfig.from_json(fields)
 
 
 def _train_epochs(

@@ -60,10 +60,12 @@ def _decode_with_pil(data: tf.Tensor) -> tf.Tensor:
   return image
 
 
-def normalize(image: tf.Tensor) -> tf.Tensor:
-  """uint8 or [0, 255] float [H, W, 3] -> float32 normalised with the ImageNet mean and std."""
+def normalize(
+  image: tf.Tensor, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
+) -> tf.Tensor:
+  """uint8 or [0, 255] float [H, W, 3] -> float32 normalised with `mean` and `std` (of [0, 1])."""
   image = tf.cast(image, tf.float32) / 255.0
-  return (image - IMAGENET_MEAN) / IMAGENET_STD
+  return (image - tuple(mean)) / tuple(std)
 
 
 def resize_like_pil(image: tf.Tensor, size: tuple, method: str = 'bicubic') -> tf.Tensor:
@@ -81,11 +83,17 @@ def resize_like_pil(image: tf.Tensor, size: tuple, method: str = 'bicubic') -> t
 
 
 def eval_image(
-  image: tf.Tensor, image_size: int, crop_pct: float = 0.875, interpolation: str = 'bicubic'
+  image: tf.Tensor,
+  image_size: int,
+  crop_pct: float = 0.875,
+  interpolation: str = 'bicubic',
+  mean: tuple = IMAGENET_MEAN,
+  std: tuple = IMAGENET_STD,
 ) -> tf.Tensor:
   """DeiT eval: shorter side to image_size / crop_pct (256 for 224), centre crop, normalise.
 
-  image uint8 [h, w, 3] -> float32 [image_size, image_size, 3].
+  image uint8 [h, w, 3] -> float32 [image_size, image_size, 3]. The defaults are DeiT's; a
+  checkpoint records its own (`registry.DataConfig`).
   """
   scale_size = int(image_size / crop_pct)  # timm: math.floor(img_size / crop_pct)
   h, w = tf.shape(image)[0], tf.shape(image)[1]
@@ -97,7 +105,7 @@ def eval_image(
   top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2), tf.int32)
   image = image[top : top + image_size, left : left + image_size]
-  return normalize(tf.ensure_shape(image, (image_size, image_size, 3)))
+  return normalize(tf.ensure_shape(image, (image_size, image_size, 3)), mean, std)
 
 
 def _box_sizes(

@@ -348,11 +348,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None) 
   check_batch_sizes(config)
   mesh = sharding.make_mesh()
   info = input_pipeline.dataset_info(config.data)
+  if config.checkpoint:  # its LayerNorm eps and eval preprocessing, unless the config sets them
+    loaded = pretrained.load_checkpoint(config.checkpoint, config.model)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.checkpoint_data = loaded.data.to_json()
+      if config.model_overrides.get('layer_norm_eps') is None:
+        config.model_overrides.layer_norm_eps = loaded.layer_norm_eps
   model = build_model(config, info.num_classes)
   graphdef, params = nnx.split(model)
   if config.checkpoint:
-    weights = pretrained.load_checkpoint(config.checkpoint, config.model).params
-    load_params(model, dict(weights), f'{config.model} (from {config.checkpoint})')
+    load_params(model, dict(loaded.params), f'{config.model} (from {config.checkpoint})')
     params = nnx.state(model)
   else:
     params = restore_params(config, workdir, params)

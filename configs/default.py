@@ -37,7 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'  # a TFDS split; for 'folder' the sub-folder, e.g. 'val'
   config.data.shuffle_buffer = 10_000
-  config.data.crop_pct = 0.875  # eval: resize to img_size / crop_pct (256 for 224), centre crop
+  # eval: resize to img_size / crop_pct (256 for 224 at 0.875), centre crop. None: what the
+  # checkpoint records (DeiT 0.875, AugReg ViT 0.9), else the variant's.
+  config.data.crop_pct = None
 
   # Augmentation (timm's DeiT setting); each switchable: 0 or False turns it off.
   config.aug = ml_collections.ConfigDict()

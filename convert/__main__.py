@@ -25,13 +25,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     description=__doc__.split('\n\n')[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument('input', help='.pth/.pt/.bin (torch.save) or .safetensors file')
+  parser.add_argument(
+    'input',
+    help='.pth/.pt/.bin (torch.save), .safetensors or .npz file, or a Hugging Face directory',
+  )
   parser.add_argument('output_dir', help='directory to create (must not exist unless --force)')
   parser.add_argument(
     '--model',
     choices=list_models(),
     metavar='NAME',
-    help='target variant (default: inferred from the shapes); one of: ' + ', '.join(list_models()),
+    help='target variant (default: inferred from the shapes, unless two families fit); one of: '
+    + ', '.join(list_models()),
   )
   parser.add_argument('--force', action='store_true', help='replace an existing output directory')
   return parser.parse_args(argv)
@@ -41,6 +45,7 @@ def summary(converted: pretrained.Converted, output_dir: str) -> str:
   spec = get_spec(converted.model)
   num_params = sum(math.prod(v.shape) for v in converted.params.values())
   gflops = flops.dense_gflops(spec, num_classes=converted.num_classes)
+  d = converted.data
   lines = [
     f'source      {converted.source}',
     f'model       {converted.model} (embed_dim {spec.embed_dim}, depth {spec.depth}, '
@@ -49,17 +54,22 @@ def summary(converted: pretrained.Converted, output_dir: str) -> str:
     f'classes     {converted.num_classes}',
     f'parameters  {num_params:,} ({len(converted.params)} tensors)',
     f'GFLOPs      {gflops:.2f} per image (dense)',
+    f'preprocess  mean {_fmt(d.mean)}, std {_fmt(d.std)}, crop_pct {d.crop_pct}, {d.interpolation}',
+    f'layer norm  eps {converted.layer_norm_eps:g}',
     *[f'resized     {note}' for note in converted.notes],
     f'written     {output_dir}',
   ]
   return '\n'.join(lines)
 
 
+def _fmt(values) -> str:
+  return '(' + ', '.join(f'{v:g}' for v in values) + ')'
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   try:
-    state_dict = pretrained.read_state_dict(args.input)
-    converted = pretrained.convert_state_dict(state_dict, args.model, source=args.input)
+    converted = pretrained.convert_file(args.input, args.model)
     pretrained.save_converted(converted, args.output_dir, force=args.force)
   except CheckpointError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -54,7 +54,7 @@ def default_images(config, size: int, count: int) -> tuple[np.ndarray, list[str]
   """Digits: the first eval image of each class; other data: scikit-learn's sample photos."""
   if config.data.name != 'digits':
     photos = load_sample_images()
-    crop = config.data.crop_pct
+    crop = input_pipeline.eval_data_config(config).crop_pct
     images = [preprocessing.eval_image(tf.constant(p), size, crop).numpy() for p in photos.images]
     names = [os.path.splitext(os.path.basename(f))[0] for f in photos.filenames]
     return np.stack(images)[:count], names[:count]
@@ -97,7 +97,7 @@ def run(
     raise FileNotFoundError(f'no such image file: {", ".join(missing)}')
   model = trained.trained_model(config, workdir, checkpoint)
   if paths:
-    images = load_images(paths, model.img_size, config.data.crop_pct)
+    images = load_images(paths, model.img_size, input_pipeline.eval_data_config(config).crop_pct)
     names = [os.path.basename(p) for p in paths]
   else:
     images, names = default_images(config, model.img_size, count)

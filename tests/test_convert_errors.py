@@ -87,7 +87,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path, capsys, state_dict):
   broken['blocks.0.attn.gate.weight'] = torch.zeros(3)
   src = tmp_path / 'broken.pth'
   torch.save({'model': broken}, src)
-  line = run_cli(capsys, src, tmp_path / 'out')
+  line = run_cli(capsys, src, tmp_path / 'out', '--model', NAME)
   assert 'missing keys: blocks.3.mlp.fc1.bias' in line
   assert 'unexpected keys: blocks.0.attn.gate.weight' in line
   assert_nothing_written(tmp_path, tmp_path / 'out')
@@ -113,9 +113,9 @@ def test_existing_output_needs_force(tmp_path, capsys, state_dict):
   out = tmp_path / 'out'
   out.mkdir()
   (out / 'keep.txt').write_text('mine')
-  assert 'already exists (use --force' in run_cli(capsys, src, out)
+  assert 'already exists (use --force' in run_cli(capsys, src, out, '--model', NAME)
   assert (out / 'keep.txt').read_text() == 'mine'
-  assert convert_cli.main([str(src), str(out), '--force']) == 0
+  assert convert_cli.main([str(src), str(out), '--force', '--model', NAME]) == 0
   assert sorted(os.listdir(out)) == ['ats_jax.json', 'params']
 
 

@@ -29,7 +29,7 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
 def test_describe_runs_a_converted_model_and_predicts_as_timm(tmp_path, capsys):
   reference = random_timm_model(NAME, seed=4)
   torch.save({'model': reference.state_dict()}, tmp_path / 'w.pth')
-  assert convert_cli.main([str(tmp_path / 'w.pth'), str(tmp_path / 'ckpt')]) == 0
+  assert convert_cli.main([str(tmp_path / 'w.pth'), str(tmp_path / 'ckpt'), '--model', NAME]) == 0
   capsys.readouterr()
   proc = run_main(
     '--config=configs/deit_t.py',

@@ -295,7 +295,7 @@ def test_init_from_loads_pretrained_weights_and_reinitialises_another_head(tmp_p
   reference = random_timm_model('deit_tiny_patch16_224', seed=3)
   path = save(reference, tmp_path / 'w', 'deit_pth')
   if fmt == 'converted':
-    assert convert_cli.main([path, str(tmp_path / 'ckpt')]) == 0
+    assert convert_cli.main([path, str(tmp_path / 'ckpt'), '--model', 'deit_tiny_patch16_224']) == 0
     path = str(tmp_path / 'ckpt')
   config = digits_ats.get_config()
   config.model_overrides = {}

@@ -18,21 +18,33 @@ def create_model(
 ) -> vit.VisionTransformer:
   """Builds variant `name`; with `checkpoint` (converted dir, `.pth` or `.safetensors`) loads it.
 
-  `overrides` replace architecture or runtime fields (`num_classes`, `img_size`, `dtype`, ...). The
-  class count defaults to the checkpoint's. Loading is strict: every parameter must come from the
-  checkpoint with the model's shape, and every checkpoint entry must be used.
+  `overrides` replace architecture or runtime fields (`num_classes`, `img_size`, `dtype`,
+  `layer_norm_eps`, ...). The class count and LayerNorm epsilon default to the checkpoint's. Loading
+  is strict: every parameter must come from the checkpoint with the model's shape, and every
+  checkpoint entry must be used.
   """
   allowed = set(inspect.signature(vit.VisionTransformer.__init__).parameters) - {'self', 'rngs'}
-  unknown = sorted(set(overrides) - allowed)
+  unknown = sorted(set(overrides) - allowed - {'layer_norm_eps'})
   if unknown:
     raise TypeError(f'unknown model options {unknown}; allowed: {sorted(allowed)}')
   kwargs = dataclasses.asdict(registry.get_spec(name))
+  eps = overrides.pop('layer_norm_eps', None)
   if checkpoint is None:
-    return vit.VisionTransformer(**kwargs | overrides, rngs=nnx.Rngs(seed))
+    model = vit.VisionTransformer(**kwargs | overrides, rngs=nnx.Rngs(seed))
+    set_layer_norm_eps(model, vit.LAYER_NORM_EPS if eps is None else eps)
+    return model
   loaded = pretrained.load_checkpoint(checkpoint, name)
   model = vit.abstract_model(**kwargs | dict(num_classes=loaded.num_classes) | overrides)
+  set_layer_norm_eps(model, loaded.layer_norm_eps if eps is None else eps)
   load_params(model, loaded.params, f'{name} (from {checkpoint})')
   return model
+
+
+def set_layer_norm_eps(model: nnx.Module, eps: float) -> None:
+  """Sets every LayerNorm's epsilon: timm's 1e-6 (vit.LAYER_NORM_EPS), Hugging Face's 1e-12."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, nnx.LayerNorm):
+      module.epsilon = eps
 
 
 def load_params(model: nnx.Module, params: dict, what: str) -> None:

@@ -1,10 +1,11 @@
-"""Reading PyTorch/timm checkpoint files and the converted (orbax) checkpoint directory.
+"""Reading source checkpoints (timm/DeiT `.pth` and `.safetensors`, JAX `.npz`, Hugging Face
+directories) and the converted (orbax) checkpoint directory.
 
 A converted directory holds `ats_jax.json` (which variant, its image size and classes, where it came
-from) and `params/` (an orbax checkpoint of the Flax parameters, nested by timm's dotted names). It
-is
-written to a temporary sibling and renamed into place, so an error or an interruption never leaves a
-half-written output directory.
+from, the preprocessing its weights expect and its LayerNorm epsilon) and `params/` (an orbax
+checkpoint of the Flax parameters, nested by timm's dotted names). It is written to a temporary
+sibling and renamed into place, so an error or an interruption never leaves a half-written output
+directory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ats_jax.models import registry, vit
+from ats_jax.models import big_vision, hf_convert, registry, torch_pickle, vit
 from ats_jax.models.timm_convert import (
   CheckpointError,
   infer_model_name,
@@ -37,7 +38,8 @@ _WRAPPER_KEYS = ('model', 'state_dict', 'model_state')  # DeiT ships {'model': s
 
 @dataclasses.dataclass(frozen=True)
 class Converted:
-  """Flat Flax params (`blocks.0.attn.qkv.kernel` -> array) and what they are."""
+  """Flat Flax params (`blocks.0.attn.qkv.kernel` -> array), what they are, and how images must
+  be prepared for them (`data`) and normalised inside them (`layer_norm_eps`)."""
 
   model: str
   params: dict[str, np.ndarray]
@@ -45,6 +47,12 @@ class Converted:
   img_size: int
   source: str
   notes: tuple[str, ...] = ()
+  data: registry.DataConfig | None = None  # None: the variant's (`registry.data_config`)
+  layer_norm_eps: float = vit.LAYER_NORM_EPS
+
+  def __post_init__(self):
+    if self.data is None:
+      object.__setattr__(self, 'data', registry.data_config(self.model))
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -54,7 +62,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise CheckpointError(f'no such file: {path}')
   if path.is_dir():
     raise CheckpointError(
-      f'{path} is a directory without {METADATA_FILE}: not a converted checkpoint'
+      f'{path} is a directory but not a converted checkpoint (no {METADATA_FILE}) nor a '
+      f'Hugging Face one (no {hf_convert.CONFIG_FILE})'
     )
   if path.suffix == '.safetensors':
     return _read_safetensors(path)
@@ -72,13 +81,7 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: pathlib.Path) -> object:
-  try:
-    import torch
-  except ImportError:
-    raise CheckpointError(
-      f'reading {path.suffix} files needs PyTorch: pip install -r requirements-test.txt, '
-      'or convert to .safetensors first'
-    ) from None
+  """`torch.save` output read with NumPy (`torch_pickle`): no PyTorch needed, nothing executed."""
   with open(path, 'rb') as f:
     magic = f.read(2)
   if not (magic == b'PK' or magic[:1] == b'\x80'):  # torch's zip format, or the legacy pickle
@@ -88,42 +91,49 @@ def _read_torch(path: pathlib.Path) -> object:
   if magic == b'PK' and not zipfile.is_zipfile(path):
     raise CheckpointError(f'{path} is truncated or corrupt (its zip directory is unreadable)')
   try:
-    return torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f'{path} is truncated or corrupt ({first_line})') from None
+    return torch_pickle.load(path)
+  except torch_pickle.TorchPickleError as e:
+    raise CheckpointError(f'{path}: {e}') from None
 
 
 def _unwrap(obj: object, path: pathlib.Path) -> dict[str, np.ndarray]:
-  """The state dict inside DeiT's `{'model': ...}` wrapper (or a bare one), as NumPy arrays."""
-  import torch
-
+  """The state dict inside DeiT's `{'model': ...}` wrapper (or a bare one), as float32 arrays."""
   for key in _WRAPPER_KEYS:
     if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
       obj = obj[key]
       break
   if not isinstance(obj, Mapping) or not obj:
     raise CheckpointError(f'{path} does not hold a state dict (found {type(obj).__name__})')
-  not_tensors = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+  not_tensors = sorted(str(k) for k, v in obj.items() if not isinstance(v, np.ndarray))
   if not_tensors:
     raise CheckpointError(
       f'{path} does not hold a state dict: non-tensor entries {", ".join(not_tensors)}'
     )
   if all(k.startswith('module.') for k in obj):  # saved from DistributedDataParallel
     obj = {k.removeprefix('module.'): v for k, v in obj.items()}
-  return {k: v.detach().to(torch.float32).numpy() for k, v in obj.items()}
+  return {k: np.asarray(v, np.float32) for k, v in obj.items()}
 
 
 def convert_state_dict(
-  state_dict: Mapping[str, np.ndarray], model: str | None = None, source: str = ''
+  state_dict: Mapping[str, np.ndarray],
+  model: str | None = None,
+  source: str = '',
+  *,
+  family: str | None = None,
+  num_heads: int | None = None,
+  data: registry.DataConfig | None = None,
+  layer_norm_eps: float = vit.LAYER_NORM_EPS,
 ) -> Converted:
-  """timm state dict -> Flax params for `model` (inferred from shapes when None).
+  """timm state dict -> Flax params for `model` (inferred from shapes, `family`, `num_heads`).
 
   The head's class count is taken from the checkpoint; `pos_embed` is resized (bicubic, prefix
-  tokens kept) when the checkpoint's image size differs from the variant's.
+  tokens kept) when the checkpoint's image size differs from the variant's. `data`: the
+  checkpoint's preprocessing when it records one, else the variant's.
   """
-  name = model or infer_model_name(state_dict)
+  name = model or infer_model_name(state_dict, family, num_heads)
   spec = registry.get_spec(name)
+  if num_heads is not None and num_heads != spec.num_heads:
+    raise CheckpointError(f'the checkpoint has {num_heads} heads but {name} has {spec.num_heads}')
   state_dict = dict(state_dict)
   notes = []
   num_prefix = 2 if spec.distilled else 1
@@ -138,7 +148,56 @@ def convert_state_dict(
   abstract = vit.abstract_model(**dataclasses.asdict(spec) | dict(num_classes=num_classes))
   expected = {k: v.shape for k, v in vit.param_dict(abstract).items()}
   params = timm_to_flax(state_dict, expected, name)
-  return Converted(name, params, num_classes, spec.img_size, source, tuple(notes))
+  return Converted(
+    name, params, num_classes, spec.img_size, source, tuple(notes), data, layer_norm_eps
+  )
+
+
+def convert_file(path: str | os.PathLike, model: str | None = None) -> Converted:
+  """Any source checkpoint -> Converted: a timm/DeiT `.pth`/`.safetensors`, a JAX `.npz`
+  (big_vision / vision_transformer), or a Hugging Face directory."""
+  path = pathlib.Path(path)
+  if path.is_dir() and (path / hf_convert.CONFIG_FILE).is_file():
+    return _convert_hf(path, model)
+  if path.suffix == '.npz' and path.is_file():
+    try:
+      with np.load(path) as npz:
+        weights = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+      raise CheckpointError(f'{path} is truncated or not a .npz file ({e})') from None
+    state_dict, num_heads = big_vision.npz_to_timm(weights)
+    return convert_state_dict(
+      state_dict, model, str(path), family=None if model else 'vit', num_heads=num_heads
+    )
+  return convert_state_dict(read_state_dict(path), model, source=str(path))
+
+
+def _convert_hf(path: pathlib.Path, model: str | None) -> Converted:
+  config = json.loads((path / hf_convert.CONFIG_FILE).read_text())
+  weight_files = [path / f for f in hf_convert.WEIGHT_FILES if (path / f).is_file()]
+  if not weight_files:
+    raise CheckpointError(
+      f'{path} has {hf_convert.CONFIG_FILE} but neither of {", ".join(hf_convert.WEIGHT_FILES)}'
+    )
+  src = weight_files[0]
+  weights = _read_safetensors(src) if src.suffix == '.safetensors' else _read_torch(src)
+  if not isinstance(weights, Mapping):
+    raise CheckpointError(f'{src} does not hold a state dict')
+  hf = hf_convert.hf_to_timm(weights, config)
+  data = None
+  if (path / hf_convert.PREPROCESSOR_FILE).is_file():
+    pre = json.loads((path / hf_convert.PREPROCESSOR_FILE).read_text())
+    data = hf_convert.data_config(pre, hf.spec.img_size)
+  converted = convert_state_dict(
+    hf.state_dict,
+    model,
+    str(path),
+    family=None if model else hf.family,
+    num_heads=hf.spec.num_heads,
+    data=data,
+    layer_norm_eps=hf.layer_norm_eps,
+  )
+  return converted
 
 
 def save_converted(
@@ -162,6 +221,8 @@ def save_converted(
       num_classes=converted.num_classes,
       source=converted.source,
       notes=list(converted.notes),
+      data=converted.data.to_json(),
+      layer_norm_eps=converted.layer_norm_eps,
     )
     (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + '\n')
     if out_dir.exists():
@@ -196,15 +257,17 @@ def load_converted(ckpt_dir: str | os.PathLike) -> Converted:
     meta['img_size'],
     meta['source'],
     tuple(meta['notes']),
+    registry.DataConfig.from_json(meta['data']) if 'data' in meta else None,
+    meta.get('layer_norm_eps', vit.LAYER_NORM_EPS),
   )
 
 
 def load_checkpoint(path: str | os.PathLike, model: str | None = None) -> Converted:
-  """A converted directory as it is, or a PyTorch/safetensors file converted on the fly."""
+  """A converted directory as it is, or a source checkpoint converted on the fly."""
   path = pathlib.Path(path)
   if (path / METADATA_FILE).is_file():
     return load_converted(path)
-  return convert_state_dict(read_state_dict(path), model, source=str(path))
+  return convert_file(path, model)
 
 
 def _nest(flat: Mapping[str, np.ndarray]) -> dict:

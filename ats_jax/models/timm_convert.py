@@ -69,12 +69,17 @@ def timm_to_flax(
   return params
 
 
-def infer_model_name(state_dict: Mapping[str, np.ndarray]) -> str:
+def infer_model_name(
+  state_dict: Mapping[str, np.ndarray], family: str | None = None, num_heads: int | None = None
+) -> str:
   """The registered variant whose architecture fits the checkpoint's shapes.
 
-  Width, depth and distillation come from the shapes; heads cannot be read from shapes, so the
-  DeiT convention for that width is used. Of equal architectures the one whose image size matches
-  `pos_embed` wins (deit_base_patch16_224 vs _384).
+  Width, depth, patch and distillation come from the shapes; heads cannot be read from a timm
+  state dict, so the registered head count for that width is used unless `num_heads` is known.
+  Of equal architectures the one whose image size matches `pos_embed` wins (deit_base_patch16_224
+  vs _384). Families whose keys coincide (deit_small_patch16_224 and vit_small_patch16_224: same
+  shapes, different preprocessing) are never guessed between: unless `family` says which, that is
+  an error asking for --model.
   """
   for key in ('cls_token', 'pos_embed', 'patch_embed.proj.weight'):
     if key not in state_dict:
@@ -89,14 +94,23 @@ def infer_model_name(state_dict: Mapping[str, np.ndarray]) -> str:
     for name, s in registry.MODELS.items()
     if (s.embed_dim, s.depth, s.patch_size, s.distilled)
     == (embed_dim, depth, patch_size, distilled)
+    and num_heads in (None, s.num_heads)
+    and family in (None, registry.family(name))
   ]
   if not candidates:
     raise CheckpointError(
-      f'no registered model has embed_dim={embed_dim}, depth={depth}, patch_size={patch_size}, '
-      f'distilled={distilled}; pass --model'
+      f'no registered {family + " " if family else ""}model has embed_dim={embed_dim}, '
+      f'depth={depth}, patch_size={patch_size}, distilled={distilled}'
+      f'{f", num_heads={num_heads}" if num_heads else ""}; pass --model'
     )
   exact = [n for n in candidates if registry.MODELS[n].img_size == grid * patch_size]
-  return (exact or candidates)[0]
+  candidates = exact or candidates
+  if len({registry.family(n) for n in candidates}) > 1:
+    raise CheckpointError(
+      f'the keys and shapes fit {" and ".join(candidates)} alike (same architecture, different '
+      'preprocessing); pass --model to say which'
+    )
+  return candidates[0]
 
 
 def _grid_size(num_pos_tokens: int, num_prefix_tokens: int) -> int:
