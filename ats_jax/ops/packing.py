@@ -13,7 +13,7 @@ where that work runs, given a token mask [B, N] (real tokens first in each image
   gathers whose indices come from the mask by cumulative sums: shapes stay static under `jit`.
 
 Attention, whose cost is per image, runs padded (`slot_map`): on the fewest leading slots that hold
-the batch's fullest image, from a ladder of its own (at batch 1 it follows the image exactly).
+the fullest image of each group of 8 images with similar token counts, from a ladder of its own.
 
 Under `grad`, a custom VJP keeps only the inputs and recomputes the branch taken in the backward
 pass (the backward of a `lax.switch` would otherwise keep every branch's residuals, zero-filled).
@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from ats_jax.sharding import DATA_AXIS
 
 MIN_FRACTION = 0.25  # the smallest stream: a quarter of the slots
+ATTENTION_GROUP = 8  # images sized together for attention (`_grouped`)
 TokenFn = Callable[
   ..., tuple[jax.Array, ...]
 ]  # (modules, *tokens [..., C_in]) -> tokens [..., C_out]
@@ -148,6 +149,30 @@ def _compacted(fn: Callable, xs: tuple[jax.Array, ...], mask: jax.Array, out_siz
   return switch_remat(index, branch, sizes, xs, mask)
 
 
+def _grouped(fn: Callable, xs: tuple[jax.Array, ...], mask: jax.Array, out_size: int,
+             num_sizes: int):  # fmt: skip
+  """`_compacted` per group of `ATTENTION_GROUP` images of similar token counts.
+
+  In a large batch the fullest image is near the cap, so one size for the whole batch would run
+  every image's attention at full length. Images are sorted by their token count, split into groups
+  and a `lax.scan` over the groups (one compiled body, whatever the batch) sizes each group for its
+  own fullest image; results go back in the batch's order. Attention is per image, so grouping
+  changes no number.
+  """
+  b = mask.shape[0]
+  if b <= ATTENTION_GROUP or b % ATTENTION_GROUP:
+    return _compacted(fn, xs, mask, out_size, num_sizes)
+  order = jnp.argsort(jnp.sum(mask > 0, axis=-1))  # [B] fewest tokens first
+  grouped = [x[order].reshape(-1, ATTENTION_GROUP, *x.shape[1:]) for x in (*xs, mask)]
+
+  def group(carry, chunk):
+    return carry, _compacted(fn, tuple(chunk[:-1]), chunk[-1], out_size, num_sizes)
+
+  _, ys = jax.lax.scan(group, None, grouped)
+  back = jnp.argsort(order)  # [B] the inverse permutation
+  return tuple(y.reshape(b, *y.shape[2:])[back] for y in ys)
+
+
 def _data_parallel(run: Callable, replicated: int) -> Callable:
   """`run` per device over the mesh's data axis when a mesh with one is set (`jax.set_mesh`); its
   first `replicated` arguments (parameters) whole on every device, the rest split by image."""
@@ -185,9 +210,9 @@ def token_map(
 def slot_map(
   fn: Callable, *xs: jax.Array, mask: jax.Array | None, out_size: int, num_sizes: int
 ) -> tuple[jax.Array, ...]:
-  """`fn(*xs, mask)` -> outputs [B, out_size, ...], on the fewest leading slots that hold the
-  batch's fullest image (a ladder of `num_sizes` sizes, `_compacted`), or on all when 0."""
+  """`fn(*xs, mask)` -> outputs [B, out_size, ...], on the fewest leading slots that hold each
+  group's fullest image (a ladder of `num_sizes` sizes, `_grouped`), or on all when 0."""
   if mask is None or not num_sizes:
     return fn(*xs, mask)
-  run = _data_parallel(lambda xs, m: _compacted(fn, xs, m, out_size, num_sizes), replicated=0)
+  run = _data_parallel(lambda xs, m: _grouped(fn, xs, m, out_size, num_sizes), replicated=0)
   return run(tuple(xs), mask)
