@@ -168,3 +168,27 @@ def test_tfds_records_decode_as_pil(tmp_path):
   for got, label in zip(batch['image'], batch['label'], strict=True):
     expected = preprocessing.train_image(pixels[label], tf.constant([0, 0]), SIZE, config.aug)
     np.testing.assert_array_equal(got, expected.numpy())
+
+
+def test_folder_evaluates_to_timms_top1_on_the_same_weights(photo_dir):
+  """DeiT-Ti with random weights (q and k x4), our folder pipeline and model against timm's PIL
+  path and model: the same top-1 on every image whose top-2 margin in timm exceeds 1e-3."""
+  import torch
+  from flax import nnx
+
+  from experiments import benchmark
+
+  reference = benchmark.random_timm('deit_tiny_patch16_224', peak=4.0)
+  model = benchmark.flax_twin(reference, 'deit_tiny_patch16_224')
+  config = make_config('folder', photo_dir)
+  (batch,) = input_pipeline.eval_batches(config, image_size=224)
+  transform = create_transform(224, is_training=False, interpolation='bicubic', crop_pct=0.875)
+  inputs = torch.stack([transform(pil_rgb(data)) for data in encoded_files().values()])
+  with torch.no_grad():
+    expected = reference(inputs).numpy()
+  got = np.asarray(nnx.jit(lambda m, x: m(x))(model, batch['image']))
+  top2 = np.sort(expected, axis=-1)[:, -2:]
+  decisive = top2[:, 1] - top2[:, 0] > 1e-3
+  assert decisive.sum() >= len(decisive) - 1
+  np.testing.assert_array_equal(got.argmax(-1)[decisive], expected.argmax(-1)[decisive])
+  assert np.abs(got - expected).max() < 0.05  # inputs within one level of timm's
