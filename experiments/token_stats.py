@@ -1,8 +1,8 @@
 """Tokens kept per block and GFLOPs per image of an ATS model, without training.
 
 Weights are random (timm's init) or "peaked": the same with the query and key kernels scaled up,
-which sharpens every attention row as trained ViTs' class attention is sharp. Images are
-scikit-learn's two sample photographs plus random crops of them.
+which sharpens every attention row as trained ViTs' class attention is sharp. Images are real
+photos (`experiments.photos`: scikit-image's and scikit-learn's, then crops of them).
 
   python -m experiments.token_stats  # deit_small_patch16_224, blocks 3-11, cap 197
   python -m experiments.token_stats --model=deit_tiny_patch16_224 --json=/tmp/stats.json
@@ -15,36 +15,19 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 from absl import app, flags
 from flax import nnx
-from sklearn.datasets import load_sample_images
 
-from ats_jax import flops, preprocessing
+from ats_jax import flops
 from ats_jax.models import create_model, vit
+from experiments import photos
 
 _MODEL = flags.DEFINE_string('model', 'deit_small_patch16_224', 'Registered variant.')
 _ATS_BLOCKS = flags.DEFINE_list('ats_blocks', [str(i) for i in range(3, 12)], 'ATS blocks.')
 _NUM_TOKENS = flags.DEFINE_float('num_tokens', 197, 'Cap K of every ATS block (<= 1: a ratio).')
 _PEAK = flags.DEFINE_float('peak', 4.0, 'Factor on the q and k kernels of the peaked weights.')
-_IMAGES = flags.DEFINE_integer('images', 8, 'Images: the two sample photos and random crops.')
+_IMAGES = flags.DEFINE_integer('images', 8, 'Real photos (`experiments.photos`).')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results here as JSON.')
-
-
-def sample_photos(count: int, size: int, seed: int = 0) -> jax.Array:
-  """scikit-learn's sample photos, then random crops of them, eval-preprocessed: [N, S, S, 3]."""
-  photos = load_sample_images().images
-  rng = np.random.default_rng(seed)
-  out = []
-  for i in range(count):
-    photo = photos[i % len(photos)]
-    if i >= len(photos):
-      h, w = photo.shape[:2]
-      side = int(rng.integers(size, min(h, w)))
-      top, left = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
-      photo = photo[top : top + side, left : left + side]
-    out.append(preprocessing.eval_image(tf.constant(photo), size).numpy())
-  return jnp.asarray(np.stack(out))
 
 
 def sharpen_attention(model: vit.VisionTransformer, factor: float) -> None:
@@ -71,7 +54,7 @@ def main(argv: list[str]) -> None:
     _MODEL.value, ats_blocks=ats_blocks, num_tokens=_NUM_TOKENS.value, execution='padded'
   )
   model.eval()
-  images = sample_photos(_IMAGES.value, model.img_size)
+  images = jnp.asarray(photos.photos(_IMAGES.value, model.img_size))
   rows = {'random': measure(model, images)}
   sharpen_attention(model, _PEAK.value)
   rows[f'peaked (q, k x{_PEAK.value:g})'] = measure(model, images)
