@@ -161,7 +161,8 @@ def test_tfds_records_decode_as_pil(tmp_path):
   pixels = [tf.constant(np.asarray(pil_rgb(data))) for data in files]
   (batch,) = input_pipeline.eval_batches(config, image_size=SIZE)
   for got, label in zip(batch['image'], batch['label'], strict=True):
-    expected = preprocessing.eval_image(pixels[label], SIZE, config.data.crop_pct).numpy()
+    crop = input_pipeline.eval_data_config(config).crop_pct
+    expected = preprocessing.eval_image(pixels[label], SIZE, crop).numpy()
     np.testing.assert_array_equal(got, expected)
   batch = next(input_pipeline.train_batches(config, image_size=SIZE))
   assert sorted(batch['label']) == list(range(len(files)))
