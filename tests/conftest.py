@@ -11,7 +11,12 @@ import torch
 def random_timm_model(name: str, seed: int = 0) -> torch.nn.Module:
   """timm's `name` in eval mode with every parameter perturbed, so no weight is a trivial 0 or 1."""
   torch.manual_seed(seed)
-  model = timm.create_model(name, pretrained=False).eval()
+  return perturbed(timm.create_model(name, pretrained=False))
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+  """`model` in eval mode with N(0, 0.05) noise on every parameter (seed the generator first)."""
+  model.eval()
   with torch.no_grad():
     for param in model.parameters():
       param.add_(torch.randn_like(param) * 0.05)

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers  # a test requirement: a missing reference fails, never skips
 from flax import nnx
-
-transformers = pytest.importorskip('transformers')
 
 import convert.__main__ as convert_cli  # noqa: E402
 from ats_jax.models import create_model, pretrained, registry  # noqa: E402
+from tests.conftest import perturbed  # noqa: E402
 
 TINY = dict(
   hidden_size=192,
@@ -34,11 +34,7 @@ def random_hf_model(kind: str, seed: int = 0) -> torch.nn.Module:
     model = transformers.ViTForImageClassification(transformers.ViTConfig(**TINY))
   else:
     model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**TINY))
-  model.eval()
-  with torch.no_grad():
-    for param in model.parameters():
-      param.add_(torch.randn_like(param) * 0.05)
-  return model
+  return perturbed(model)
 
 
 def hf_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
