@@ -54,7 +54,7 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     ats_blocks=tuple(config.ats_blocks),
     num_tokens=tuple(config.num_tokens),
     execution=config.execution,
-    pack_sizes=config.pack_sizes,
+    pack_chunks=config.pack_chunks,
     attention_sizes=config.attention_sizes,
     drop_path_rate=config.drop_path,
     **config.model_overrides,

@@ -19,12 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.ats_blocks = ()  # indices of the blocks whose attention samples tokens; () = dense
   config.num_tokens = (197.0,)  # cap K per ATS block (one for all, or one each); <= 1 is a ratio
   # After the first ATS block: 'packed' runs per-token work on the batch's real tokens only, one
-  # stream rounded up to one of `pack_sizes` sizes (cost follows the mean kept tokens); 'padded'
+  # stream, in chunks, as many as its tokens fill (cost follows the mean kept tokens); 'padded'
   # runs every slot (fixed cost); 'auto': packed, but padded on GPUs (faster there, measured).
   # Same predictions and gradients.
   config.execution = 'auto'
-  config.pack_sizes = 8  # stream sizes, geometric from a quarter of the slots to all; 1: no switch
-  config.attention_sizes = 4  # attention runs on the fewest of these slot counts; 1: no switch
+  config.pack_chunks = 64  # chunks of the stream: B*N / pack_chunks rows each (at least 16)
+  config.attention_sizes = 6  # attention runs on the fewest of these slot counts; 1: no switch
   config.drop_path = 0.1  # stochastic depth in training (DeiT's), timm's linear rule over blocks
   # Computation dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU; or 'float32', 'bfloat16'.
   # Parameters, logits and ATS scores stay float32.

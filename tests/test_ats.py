@@ -124,7 +124,7 @@ def test_token_caps():
 def tiny(**overrides):
   """TINY with short ladders (packed execution compiles a branch per size: tests stay quick)."""
   model = vit_lib.VisionTransformer(
-    **TINY | dict(pack_sizes=2, attention_sizes=2) | overrides, rngs=nnx.Rngs(0)
+    **TINY | dict(pack_chunks=2, attention_sizes=2) | overrides, rngs=nnx.Rngs(0)
   )
   model.eval()
   return model
@@ -155,7 +155,7 @@ def test_whole_model_equals_numpy_reference(tiny_images, distilled, execution):
     num_tokens=tuple(caps.values()),
     distilled=distilled,
     execution=execution,
-    pack_sizes=4,
+    pack_chunks=4,
   )
   perturb(model, scale=0.6)
   logits, stats = run_ats(model, tiny_images)

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
   assert jax.device_count() == 8
   def model(execution):
     m = vit.VisionTransformer(**TINY, ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10),
-                              execution=execution, pack_sizes=4, attention_sizes=3,
+                              execution=execution, pack_chunks=4, attention_sizes=3,
                               rngs=nnx.Rngs(0))
     m.eval()
     perturb(m, scale=0.5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -19,23 +21,62 @@ from tests.test_ats import TINY, perturb
 ATS = dict(ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10))
 
 
-def test_ladder_is_geometric_from_a_quarter_and_ends_at_the_total():
-  assert packing.ladder(197, 8) == (50, 61, 74, 90, 109, 133, 162, 197)
+def test_attention_ladder_is_geometric_from_an_eighth_never_under_eight_slots():
+  assert packing.ladder(197, 6) == (25, 38, 57, 86, 130, 197)
   assert packing.ladder(197, 1) == (197,)
-  assert packing.ladder(5, 8) == (2, 3, 4, 5)  # sizes never repeat
-  sizes = packing.ladder(197, 8)
-  for needed, size in {1: 50, 50: 50, 51: 61, 196: 197, 197: 197}.items():
-    mask = jnp.zeros((1, 197), bool).at[0, :needed].set(True)
-    assert sizes[int(packing.size_index(sizes, mask))] == size
+  assert packing.ladder(20, 6) == (8, 9, 14, 20)  # sizes never repeat, none under 8
+  assert packing.ladder(5, 6) == (5,)
 
 
-def test_pack_indices_round_trip():
+def test_chunks_split_the_slots_in_multiples_of_8_rows_at_least_16():
+  assert packing.chunk_rows(197, 64) == 16  # batch 1
+  assert packing.chunk_rows(32 * 197, 64) == 104  # 6304 / 64 = 98.5 rows, up to a multiple of 8
+  assert packing.chunk_rows(10, 64) == 10  # never more than the slots
+  assert packing.chunk_rows(197, 1) == 197
+
+
+def test_stream_indices_read_real_slots_image_after_image_and_write_the_rest_to_a_spare():
   mask = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]], bool)
-  gather, scatter = packing.pack_indices(mask, 8)
-  assert np.asarray(gather)[:6].tolist() == [0, 1, 2, 4, 8, 9]  # real slots, image after image
-  x = jnp.arange(12).reshape(3, 4)
-  back = np.asarray(x.reshape(-1)[gather][scatter] * mask)
-  np.testing.assert_array_equal(back, np.asarray(x * mask))
+  source, dest, total = packing.stream_indices(mask, 8)
+  assert int(total) == 6
+  assert np.asarray(source).tolist() == [0, 1, 2, 4, 8, 9, 0, 0]  # past the total: a real slot
+  assert np.asarray(dest).tolist() == [0, 1, 2, 4, 8, 9, 12, 12]  # past the total: the spare
+
+
+@pytest.mark.parametrize('num_chunks', [1, 3, 64])
+def test_token_map_in_chunks_applies_fn_to_real_tokens_only_with_its_gradient(num_chunks):
+  """Totals that fill 1 to all chunks; padded slots hold inf or NaN and get 0 out and 0 gradient."""
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+
+  def fn(w, x, y):
+    return (jnp.tanh(x @ w) * y[..., :1],)
+
+  def packed_loss(w, x, y, mask):
+    (out,) = packing.token_map(fn, w, x, y, mask=mask, num_chunks=num_chunks)
+    return jnp.sum(out * jnp.arange(5.0)), out
+
+  def reference_loss(w, x, y, mask):  # every slot, then padded ones zeroed: no packing at all
+    out = jnp.where(mask[..., None], fn(w, x, y)[0], 0)
+    return jnp.sum(out * jnp.arange(5.0)), out
+
+  for counts in ([1, 1, 1, 1], [4, 2, 7, 1], [7, 7, 7, 7]):
+    mask = jnp.asarray(np.arange(7)[None] < np.asarray(counts)[:, None])  # [4, 7]
+    x = jnp.asarray(rng.standard_normal((4, 7, 3)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((4, 7, 2)), jnp.float32)
+    dirty = jnp.where(mask[..., None], x, jnp.nan), jnp.where(mask[..., None], y, jnp.inf)
+    grad = jax.value_and_grad(packed_loss, argnums=(0, 1, 2), has_aux=True)
+    (_, out), grads = grad(w, *dirty, mask)
+    ref_grad = jax.value_and_grad(reference_loss, argnums=(0, 1, 2), has_aux=True)
+    (_, ref), ref_grads = ref_grad(w, x, y, mask)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)  # 0 where padded
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(ref_grads[0]), rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
+      np.testing.assert_allclose(
+        np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-6
+      )
+      assert (np.asarray(got)[~real] == 0).all()
 
 
 def pair(**kwargs):
@@ -43,7 +84,7 @@ def pair(**kwargs):
   models = []
   for execution in ('padded', 'packed'):
     model = vit_lib.VisionTransformer(
-      **TINY | ATS | kwargs, execution=execution, pack_sizes=3, attention_sizes=3,
+      **TINY | ATS | kwargs, execution=execution, pack_chunks=3, attention_sizes=3,
       rngs=nnx.Rngs(0),
     )  # fmt: skip
     model.eval()
@@ -74,27 +115,29 @@ def test_packed_equals_padded_on_real_photos_at_batch_1_to_16_with_one_compilati
   assert traces.count('packed') == 3  # one compilation per batch size, whatever was kept
 
 
-def count_switches(jaxpr) -> int:
-  """`cond` equations in a jaxpr and every jaxpr inside it."""
-  count = 0
+def count_control_flow(jaxpr) -> collections.Counter:
+  """`cond` and `while` equations in a jaxpr and every jaxpr inside it."""
+  count = collections.Counter()
   for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == 'cond'
+    if eqn.primitive.name in ('cond', 'while'):
+      count[eqn.primitive.name] += 1
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      count += count_switches(sub)
+      count += count_control_flow(sub)
   return count
 
 
-def test_each_masked_section_is_one_switch():
-  """Per block after the first ATS block: one switch for each per-token section, one for
-  attention; none before it, none in padded execution."""
+def test_each_masked_section_is_one_loop_or_one_switch():
+  """One loop per per-token section after the first ATS block, one switch per attention from the
+  first ATS block on (its queries: the rows it keeps); none before, none in padded execution."""
   padded, packed = pair(ats_blocks=(1,), num_tokens=12)
   images = jnp.zeros((2, 32, 32, 3))
   count = {}
   for model in (padded, packed):
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s, x, g=graphdef: nnx.merge(g, s)(x))(state, images)
-    count[model.execution] = count_switches(jaxpr.jaxpr)
-  assert count == {'padded': 0, 'packed': 1 + 2 * 3}  # block 1: residuals; blocks 2, 3: all three
+    count[model.execution] = dict(count_control_flow(jaxpr.jaxpr))
+  # block 1 (the first ATS block): attention, residuals; blocks 2 and 3: qkv, attention, residuals
+  assert count == {'padded': {}, 'packed': {'while': 1 + 2 * 2, 'cond': 3}}
 
 
 def loss_fn(model, images, labels, rng=None):
@@ -146,7 +189,7 @@ def test_huge_values_in_padded_slots_leave_logits_finite_and_unchanged():
     x, mask = model.blocks[1](x, mask)
     x = jnp.where(mask[..., None] > 0, x, fill)  # only padded slots
     for block in model.blocks[2:]:
-      x, mask = block(x, mask, pack_sizes=model.pack_sizes, attention_sizes=model.attention_sizes)
+      x, mask = block(x, mask, pack_chunks=model.pack_chunks, attention_sizes=model.attention_sizes)
     return model.head_logits(x), mask
 
   for model in (padded, packed):
@@ -182,6 +225,6 @@ def test_auto_execution_is_packed_on_cpu_and_padded_on_gpu(monkeypatch):
   assert vit_lib.VisionTransformer(**TINY, rngs=nnx.Rngs(0)).execution == 'packed'  # this CPU
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   model = vit_lib.VisionTransformer(**TINY, rngs=nnx.Rngs(0))
-  assert (model.execution, model.pack_sizes, model.attention_sizes) == ('padded', 0, 0)
+  assert (model.execution, model.pack_chunks, model.attention_sizes) == ('padded', 0, 0)
   with pytest.raises(ValueError, match='execution must be one of'):
     vit_lib.VisionTransformer(**TINY, execution='compacted', rngs=nnx.Rngs(0))

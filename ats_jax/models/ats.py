@@ -71,23 +71,17 @@ def sampling_plan(
   return plan
 
 
-def sample_and_attend(
-  x: jax.Array,
-  mask: jax.Array | None,
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  sampling: Sampling,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """An ATS block's attention: score with the cls row, sample, attend only the rows kept.
+def sample(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, sampling: Sampling
+) -> tuple[jax.Array, jax.Array]:
+  """The tokens an ATS block keeps, scored with the cls row of its attention.
 
-  x [B, N, C] (the block input), mask [B, N] or None, q, k, v [B, H, N, d] (zero at padded
-  tokens, as the spec's ATS blocks zero them) -> the kept inputs
-  [B, K, C] (the residual), their mask [B, K] float (prefix tokens, then the picks) and their
-  attention output [B, K, C] before `proj`, and the kept rows [B, K] (input slots). K is the cap, or
-  N when fewer slots come in.
+  q, k, v [B, H, N, d] (zero at padded tokens), mask [B, N] or None -> the kept rows [B, K] (input
+  slots: prefix tokens, then the picks) and their mask [B, K] float. K is the cap, or N when fewer
+  slots come in. Only the cls query's row of attention is computed here: the block then attends
+  the kept rows alone.
   """
-  b, n, _ = x.shape
+  b, _, n, _ = k.shape
   p = sampling.num_prefix_tokens
   cap = min(sampling.cap, n)
   mask = jnp.ones((b, n), jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -95,8 +89,5 @@ def sample_and_attend(
   scores = token_sampling.token_scores(cls_attn, v, p)  # [B, N - P]
   picked, valid = token_sampling.sample_tokens(scores, mask[:, p:] > 0, sampling.grid_size, cap - p)
   rows = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), picked + p], axis=1)  # [B, K]
-  new_mask = jnp.concatenate([jnp.ones((b, p), bool), valid], axis=1).astype(jnp.float32)
-  q_kept = jnp.take_along_axis(q, rows[:, None, :, None], axis=2)  # [B, H, K, d]
-  weights = attention_ops.attention_weights(q_kept, k, mask) * new_mask[:, None, :, None]
-  x_kept = jnp.take_along_axis(x, rows[:, :, None], axis=1)  # [B, K, C]
-  return x_kept, new_mask, attention_ops.attend(weights, v), rows
+  kept = jnp.concatenate([jnp.ones((b, p), bool), valid], axis=1).astype(jnp.float32)
+  return rows, kept

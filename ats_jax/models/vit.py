@@ -122,7 +122,7 @@ class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
   With `sampling` set it is an ATS block (`ats_jax.models.ats`): same parameters, fewer tokens out.
-  Per-token work runs padded or packed (`pack_sizes`, `ats_jax.ops.packing`), attention per image.
+  Per-token work runs padded or packed (`pack_chunks`, `ats_jax.ops.packing`), attention per image.
   """
 
   def __init__(
@@ -146,42 +146,61 @@ class Block(nnx.Module):
     x: jax.Array,
     mask: jax.Array | None = None,
     *,
-    pack_sizes: int = 0,
+    pack_chunks: int = 0,
     attention_sizes: int = 0,
     drop: jax.Array | None = None,
     return_rows: bool = False,
   ) -> tuple[jax.Array, ...]:
     """x [B, N, C] and its token mask [B, N] (None: every token real) -> the same, updated.
 
-    `pack_sizes` > 0 runs per-token work packed on that ladder, 0 padded; `attention_sizes` > 0
-    runs attention on the fewest slots that hold the fullest image (`ats_jax.ops.packing`).
+    `pack_chunks` > 0 runs per-token work packed, in chunks of B*N / pack_chunks rows, 0 padded;
+    `attention_sizes` > 0 runs attention on the fewest slots that hold the fullest image
+    (`ats_jax.ops.packing`). An ATS block scores its tokens with the cls row of attention, then
+    attends the rows it keeps alone.
     `drop` [B, 2]: the per-image scales of the attention and MLP residuals (stochastic depth),
     None at eval. `return_rows` also returns the input slot of each output slot [B, K].
     """
-    qkv = packing.token_map(_qkv, (self.norm1, self.attn.qkv), x, mask=mask, num_sizes=pack_sizes)[
-      0
-    ]
-    out_size = x.shape[1] if self.sampling is None else min(self.sampling.cap, x.shape[1])
-    x, mask, out, rows = packing.slot_map(
-      self._attend, x, qkv, mask=mask, out_size=out_size, num_sizes=attention_sizes
+    (qkv,) = packing.token_map(_qkv, (self.norm1, self.attn.qkv), x, mask=mask,
+                               num_chunks=pack_chunks)  # fmt: skip
+    rows, kept = None, mask
+    if self.sampling is not None:  # scored with the cls row alone, before any other attention
+      q, k, v = (_zero_padded(t, mask) for t in self.attn.heads(qkv))
+      rows, kept = ats.sample(q, k, v, mask, self.sampling)  # [B, K]
+      x = jnp.take_along_axis(x, rows[:, :, None], axis=1)  # [B, K, C]
+    (out,) = packing.slot_map(
+      self._attend, (qkv,), mask, () if rows is None else (rows,), kept, num_sizes=attention_sizes
     )
     extra = () if drop is None else (jnp.broadcast_to(drop[:, None], (*x.shape[:2], 2)),)
     modules = (self.attn.proj, self.norm2, self.mlp)
-    x = packing.token_map(_residuals, modules, out, x, *extra, mask=mask, num_sizes=pack_sizes)[0]
-    return (x, mask, rows) if return_rows else (x, mask)
+    x = packing.token_map(_residuals, modules, out, x, *extra, mask=kept, num_chunks=pack_chunks)[0]
+    if not return_rows:
+      return x, kept
+    return x, kept, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]) if rows is None else rows
 
-  def _attend(self, x: jax.Array, qkv: jax.Array, mask: jax.Array | None):
-    """The block's attention, per image: x [B, N, C], qkv [B, N, 3C] -> the residual inputs, their
-    mask, the attention output [B, Q, C] before `proj` (Q = N, or the rows ATS keeps) and the
-    input slot of each output row [B, Q]."""
-    q, k, v = self.attn.heads(qkv)  # [B, H, N, d]
-    if mask is not None:  # padded tokens carry nothing, whatever their slots hold
-      real = mask[:, None, :, None] > 0
-      q, k, v = (jnp.where(real, t, 0) for t in (q, k, v))
-    if self.sampling is not None:
-      return ats.sample_and_attend(x, mask, q, k, v, self.sampling)
-    out = attention_ops.attend(attention_ops.attention_weights(q, k, mask), v)
-    return x, mask, out, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+  def _attend(
+    self,
+    keys: tuple[jax.Array],
+    key_mask: jax.Array | None,
+    queries: tuple[jax.Array, ...],
+    query_mask: jax.Array | None,
+  ) -> tuple[jax.Array]:
+    """The block's attention, per image: keys (qkv [B, N, 3C]) and their mask [B, N] or None;
+    queries: () (every slot asks) or the rows ATS kept [B, K] with their mask -> the attention
+    output [B, Q, C] before `proj`."""
+    q, k, v = (_zero_padded(t, key_mask) for t in self.attn.heads(keys[0]))  # [B, H, N, d]
+    if self.sampling is not None:  # ATS blocks always take the masked softmax (the spec)
+      key_mask = jnp.ones(k.shape[0:1] + k.shape[2:3]) if key_mask is None else key_mask
+    if queries:
+      q = jnp.take_along_axis(q, queries[0][:, None, :, None], axis=2)  # [B, H, K, d]
+    weights = attention_ops.attention_weights(q, k, key_mask)
+    if queries:  # the spec zeroes the rows of slots with no pick
+      weights = weights * query_mask[:, None, :, None]
+    return (attention_ops.attend(weights, v),)
+
+
+def _zero_padded(t: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """t [B, H, N, d] with padded tokens zeroed: they carry nothing, whatever their slots hold."""
+  return t if mask is None else jnp.where(mask[:, None, :, None] > 0, t, 0)
 
 
 class VisionTransformer(nnx.Module):
@@ -189,7 +208,7 @@ class VisionTransformer(nnx.Module):
 
   `ats_blocks`/`num_tokens` turn on ATS (`ats_jax.models.ats`). After the first ATS block,
   `execution='packed'` runs per-token work on the batch's real tokens only, packed into one stream
-  rounded up to a ladder of `pack_sizes` sizes, and attention on the fewest of `attention_sizes`
+  in chunks of 1 / `pack_chunks` of its slots, and attention on the fewest of `attention_sizes`
   slot counts that hold the fullest image (`ats_jax.ops.packing`); 'padded' runs every slot;
   'auto' (default) is `resolve_execution`'s choice. All give the same predictions.
   `drop_path_rate`: stochastic depth (timm's linear rule over the blocks), active only when the
@@ -210,8 +229,8 @@ class VisionTransformer(nnx.Module):
     ats_blocks: Sequence[int] = (),
     num_tokens: float | Sequence[float] = 197,
     execution: str = 'auto',
-    pack_sizes: int = 8,
-    attention_sizes: int = 4,
+    pack_chunks: int = 64,
+    attention_sizes: int = 6,
     drop_path_rate: float = 0.0,
     dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
@@ -228,13 +247,16 @@ class VisionTransformer(nnx.Module):
       depth, num_patches + self.num_prefix_tokens, self.num_prefix_tokens, ats_blocks, num_tokens
     )
     execution = resolve_execution(execution)
-    for name, sizes in (('pack_sizes', pack_sizes), ('attention_sizes', attention_sizes)):
-      if sizes < 1:
-        raise ValueError(f'{name} must be >= 1 (1: one size, no switch), got {sizes}')
+    if pack_chunks < 1:
+      raise ValueError(f'pack_chunks must be >= 1 (1: the whole stream at once), got {pack_chunks}')
+    if attention_sizes < 1:
+      raise ValueError(
+        f'attention_sizes must be >= 1 (1: one size, no switch), got {attention_sizes}'
+      )
     if not 0 <= drop_path_rate < 1:
       raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
     self.execution = execution
-    self.pack_sizes = pack_sizes if execution == 'packed' else 0
+    self.pack_chunks = pack_chunks if execution == 'packed' else 0
     self.attention_sizes = attention_sizes if execution == 'packed' else 0
     self.drop_path_rate = drop_path_rate
     self.dtype = dtype
@@ -305,7 +327,7 @@ class VisionTransformer(nnx.Module):
     kept = []
     for block, drop in zip(self.blocks, drops, strict=True):  # ATS blocks shrink x to their cap
       x, mask = block(
-        x, mask, pack_sizes=self.pack_sizes, attention_sizes=self.attention_sizes, drop=drop
+        x, mask, pack_chunks=self.pack_chunks, attention_sizes=self.attention_sizes, drop=drop
       )
       kept.append(jnp.full(b, x.shape[1]) if mask is None else mask.sum(-1))
     logits = self.head_logits(x)

@@ -5,25 +5,28 @@ its FLOPs at 197 tokens) treats each token on its own. `token_map` is the one pl
 where that work runs, given a token mask [B, N] (real tokens first in each image's slots):
 
 - no mask (before the first ATS block): on every slot;
-- padded (`num_sizes=0`): on every slot, padded slots zeroed after;
-- packed (`num_sizes>0`): on one flat stream [S, C] of the batch's real tokens, image after image,
-  S being the batch's total rounded up to a ladder of `num_sizes` sizes (geometric, from B*N / 4
-  to B*N). One `lax.switch` per call picks the size inside the compiled program, so the cost
-  follows the batch's *mean* kept tokens, not its fullest image's. Packing and unpacking are
-  gathers whose indices come from the mask by cumulative sums: shapes stay static under `jit`.
+- padded (`num_chunks=0`): on every slot, padded slots zeroed after;
+- packed (`num_chunks>0`): on one flat stream of the batch's real tokens, image after image, in
+  chunks of B*N / `num_chunks` rows (at least `MIN_CHUNK`), in a loop that stops after the chunk
+  holding the last real token. The cost follows the batch's *mean* kept tokens, to within a chunk,
+  and the loop body is compiled once, whatever the batch keeps. Each chunk gathers its rows and
+  scatters its results back by indices computed from the mask by cumulative sums: shapes stay
+  static under `jit`.
 
 Attention, whose cost is per image, runs padded (`slot_map`): on the fewest leading slots that hold
-the fullest image of each group of 8 images with similar token counts, from a ladder of its own.
+the fullest image of each group of 8 images with similar token counts, from a ladder of sizes.
 
-Under `grad`, a custom VJP keeps only the inputs and recomputes the branch taken in the backward
-pass (the backward of a `lax.switch` would otherwise keep every branch's residuals, zero-filled).
-With a mesh set (`jax.set_mesh`) whose data axis splits the batch, each device packs its own
-images (`shard_map`), so no token crosses devices. Padded and packed execution apply the same
-per-token function to the same real tokens, so they give the same numbers.
+Under `grad`, custom VJPs keep only the inputs and recompute in the backward pass: the packed loop
+chunk by chunk (a loop with a data-dependent length has no automatic reverse mode), the attention
+the branch taken (the backward of a `lax.switch` would otherwise keep every branch's residuals,
+zero-filled). With a mesh set (`jax.set_mesh`) whose data axis splits the batch, each device packs
+its own images (`shard_map`), so no token crosses devices. Padded and packed execution apply the
+same per-token function to the same real tokens, so they give the same numbers.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -34,48 +37,53 @@ from jax.sharding import PartitionSpec as P
 
 from ats_jax.sharding import DATA_AXIS
 
-MIN_FRACTION = 0.25  # the smallest stream: a quarter of the slots
+MIN_CHUNK = 16  # rows: smaller chunks cost more in loop steps than rounding up wastes
+MIN_FRACTION = 0.125  # attention's smallest size: an eighth of the slots,
+MIN_SLOTS = 8  # but never fewer than ATS keeps at least (`ats.MIN_TOKENS`)
 ATTENTION_GROUP = 8  # images sized together for attention (`_grouped`)
 TokenFn = Callable[
   ..., tuple[jax.Array, ...]
 ]  # (modules, *tokens [..., C_in]) -> tokens [..., C_out]
 
 
-def ladder(total: int, num_sizes: int) -> tuple[int, ...]:
-  """Stream sizes for `total` slots: `num_sizes` sizes in geometric steps from total / 4 to total.
+def chunk_rows(total: int, num_chunks: int) -> int:
+  """Rows per chunk of a packed stream of `total` slots: total / num_chunks rounded up to a multiple
+  of 8 (SIMD lanes, TPU sublanes), at least `MIN_CHUNK`, at most `total`."""
+  rows = max(MIN_CHUNK, -(-total // num_chunks))
+  return min(total, -(-rows // 8) * 8)
 
-  Geometric steps waste the same share of work at every count (rounding up costs at most the
-  step ratio, 4 ** (1 / (num_sizes - 1)): 22% for 8 sizes, half that on average); ATS rarely keeps
-  under a quarter of the tokens in a whole batch.
+
+def ladder(total: int, num_sizes: int, smallest: float = MIN_FRACTION) -> tuple[int, ...]:
+  """Slot counts for attention: `num_sizes` sizes in geometric steps from total * smallest to total.
+
+  Geometric steps waste the same share of work at every count (rounding up costs at most the step
+  ratio, (1 / smallest) ** (1 / (num_sizes - 1)), half of it on average). No size is under
+  `MIN_SLOTS` (or `total`).
   """
   if num_sizes == 1:
     return (total,)
-  ratio = (1 / MIN_FRACTION) ** (1 / (num_sizes - 1))
-  return tuple(sorted({max(1, math.ceil(total / ratio**i)) for i in range(num_sizes)}))
+  ratio = (1 / smallest) ** (1 / (num_sizes - 1))
+  floor = min(total, MIN_SLOTS)
+  return tuple(sorted({max(floor, math.ceil(total / ratio**i)) for i in range(num_sizes)}))
 
 
-def size_index(sizes: Sequence[int], mask: jax.Array) -> jax.Array:
-  """Index of the smallest size that holds every real token of mask [B, N]."""
-  return jnp.searchsorted(jnp.asarray(sizes), jnp.sum(mask), side='left')
+def stream_indices(mask: jax.Array, length: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Where each row of a packed stream of `length` rows reads and writes, and how many are real.
 
-
-def pack_indices(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
-  """Where each stream slot reads and each image slot writes back.
-
-  mask [B, N] bool, real tokens first -> gather [S] (flat B*N slot of each stream slot) and scatter
-  [B, N] (stream slot of each image slot). Stream slots past the batch's total read the first
-  image's cls token (real, so finite); nothing reads them back, so under `grad` their cotangents
-  are zero.
+  mask [B, N] bool, real tokens first -> source [L] (the flat B*N slot each stream row reads: image
+  after image), dest [L] (the slot it writes: its source, or B*N, a spare slot, for the rows past
+  the batch's total) and that total. Rows past the total read the first image's cls token (real,
+  so finite); what they write is never read.
   """
   b, n = mask.shape
   counts = jnp.sum(mask, axis=-1)  # [B]
   ends = jnp.cumsum(counts)
   starts = ends - counts
-  slot = jnp.arange(size)
-  image = jnp.minimum(jnp.searchsorted(ends, slot, side='right'), b - 1)  # [S]
-  gather = jnp.where(slot < ends[-1], image * n + jnp.clip(slot - starts[image], 0, n - 1), 0)
-  scatter = jnp.minimum(starts[:, None] + jnp.arange(n), size - 1)  # [B, N]
-  return gather, scatter
+  row = jnp.arange(length)
+  image = jnp.minimum(jnp.searchsorted(ends, row, side='right'), b - 1)  # [L]
+  real = row < ends[-1]
+  slot = image * n + jnp.clip(row - starts[image], 0, n - 1)
+  return jnp.where(real, slot, 0), jnp.where(real, slot, b * n), ends[-1]
 
 
 def _zero_padded(y: jax.Array, mask: jax.Array) -> jax.Array:
@@ -111,46 +119,102 @@ def switch_remat(index: jax.Array, branch: Callable[[int], Callable], sizes: Seq
   return apply(index, ops)
 
 
-def _packed(fn: Callable, params, xs: tuple[jax.Array, ...], mask: jax.Array, num_sizes: int):
-  """`fn(params, *tokens)` on the real tokens of xs [B, N, ...] packed into one stream."""
+def _chunk(indices: jax.Array, i: jax.Array, rows: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(indices, i * rows, rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _stream_map(fn: Callable, rows: int, params, flats, source, dest, total):
+  """`fn(params, *rows of flats)` on the stream rows [0, total), `rows` at a time, in a loop that
+  stops after the last real row: outputs [B*N + 1, ...], zero in every slot no stream row writes
+  (the padded slots), the last slot spare. flats: the inputs [B*N, ...]."""
+  probe = [jax.ShapeDtypeStruct((rows, *f.shape[1:]), f.dtype) for f in flats]
+  shapes = jax.eval_shape(fn, params, *probe)
+  outs = tuple(jnp.zeros((flats[0].shape[0] + 1, *s.shape[1:]), s.dtype) for s in shapes)
+
+  def body(i, outs):
+    src, dst = _chunk(source, i, rows), _chunk(dest, i, rows)
+    ys = fn(params, *(f[src] for f in flats))
+    return tuple(o.at[dst].set(y, indices_are_sorted=True) for o, y in zip(outs, ys, strict=True))
+
+  return jax.lax.fori_loop(0, (total + rows - 1) // rows, body, outs)
+
+
+def _stream_map_fwd(fn, rows, params, flats, source, dest, total):
+  return _stream_map(fn, rows, params, flats, source, dest, total), (
+    params,
+    flats,
+    source,
+    dest,
+    total,
+  )
+
+
+def _stream_map_bwd(fn, rows, residuals, cts):
+  """The same loop backwards: each chunk's forward is recomputed for its VJP, so the residuals are
+  the inputs alone (no activation is kept, as under `jax.checkpoint`)."""
+  params, flats, source, dest, total = residuals
+
+  def body(i, carry):
+    dparams, dflats = carry
+    src, dst = _chunk(source, i, rows), _chunk(dest, i, rows)
+    _, vjp = jax.vjp(fn, params, *(f[src] for f in flats))
+    dp, *dxs = vjp(tuple(ct[dst] for ct in cts))  # rows past the total: zero cotangents
+    dparams = jax.tree.map(jnp.add, dparams, dp)
+    dflats = tuple(
+      d.at[dst].add(dx, indices_are_sorted=True) for d, dx in zip(dflats, dxs, strict=True)
+    )
+    return dparams, dflats
+
+  spare = tuple(jnp.zeros((f.shape[0] + 1, *f.shape[1:]), f.dtype) for f in flats)
+  init = (jax.tree.map(jnp.zeros_like, params), spare)
+  dparams, dflats = jax.lax.fori_loop(0, (total + rows - 1) // rows, body, init)
+  return dparams, tuple(d[:-1] for d in dflats), None, None, None
+
+
+_stream_map.defvjp(_stream_map_fwd, _stream_map_bwd)
+
+
+def _packed(fn: Callable, params, xs: tuple[jax.Array, ...], mask: jax.Array, num_chunks: int):
+  """`fn(params, *tokens)` on the real tokens of xs [B, N, ...], packed, chunk by chunk."""
   b, n = mask.shape
-  sizes = ladder(b * n, num_sizes)
-
-  def branch(size: int):
-    def run(params, xs, mask):
-      gather, scatter = pack_indices(mask, size)
-      ys = fn(params, *(x.reshape(-1, *x.shape[2:])[gather] for x in xs))  # [S, ...]
-      return tuple(_zero_padded(y[scatter], mask) for y in ys)  # [B, N, ...]
-
-    return run
-
-  return switch_remat(size_index(sizes, mask), branch, sizes, params, xs, mask)
+  rows = chunk_rows(b * n, num_chunks)
+  source, dest, total = stream_indices(mask, -(-b * n // rows) * rows)
+  flats = tuple(x.reshape(b * n, *x.shape[2:]) for x in xs)
+  ys = _stream_map(fn, rows, params, flats, source, dest, total)
+  return tuple(y[:-1].reshape(b, n, *y.shape[1:]) for y in ys)
 
 
-def _compacted(fn: Callable, xs: tuple[jax.Array, ...], mask: jax.Array, out_size: int,
-              num_sizes: int):  # fmt: skip
-  """`fn(*xs, mask)` on the first n slots only, n the smallest of a ladder of `num_sizes` sizes that
-  holds the batch's fullest image: for attention, whose cost is per image.
+def _compacted(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]:
+  """`fn` on the fewest leading slots (from a ladder of `num_sizes` sizes) that hold the batch's
+  fullest image: for attention, whose cost is per image.
 
-  xs [B, N, ...], mask [B, N] -> fn's outputs [B, <= n, ...] padded with zeros to `out_size`.
+  ops: 'queries' (a tuple of [B, Nq, ...]) with 'query_mask' [B, Nq], and 'keys' (a tuple of
+  [B, Nk, ...]) with 'key_mask' [B, Nk] when keys are masked. Masked keys are cut to the size
+  (queries, never more than the keys, too); unmasked keys stay whole and only the queries are cut.
+  Returns fn's outputs [B, <= size, ...] padded with zeros to Nq.
   """
-  sizes = ladder(mask.shape[1], num_sizes)
+  masked_keys = 'key_mask' in ops
+  counted = ops['key_mask'] if masked_keys else ops['query_mask']
+  sizes = ladder(counted.shape[1], num_sizes)
+  num_queries = ops['query_mask'].shape[1]
 
   def branch(size: int):
-    def run(xs, mask):
-      ys = fn(*(x[:, :size] for x in xs), mask[:, :size])
-      return tuple(jnp.pad(y, [(0, 0), (0, out_size - y.shape[1])] + [(0, 0)] * (y.ndim - 2))
+    def run(ops):
+      cut = {k: tuple(x[:, :size] for x in v) if isinstance(v, tuple) else v[:, :size]
+             for k, v in ops.items() if k != 'keys' or masked_keys}  # fmt: skip
+      ys = fn(**(dict(key_mask=None) | ops | cut))
+      return tuple(jnp.pad(y, [(0, 0), (0, num_queries - y.shape[1])] + [(0, 0)] * (y.ndim - 2))
                    for y in ys)  # fmt: skip
 
     return run
 
-  needed = jnp.max(jnp.sum(mask > 0, axis=-1))
+  needed = jnp.max(jnp.sum(counted > 0, axis=-1))
   index = jnp.searchsorted(jnp.asarray(sizes), needed, side='left')
-  return switch_remat(index, branch, sizes, xs, mask)
+  return switch_remat(index, branch, sizes, ops)
 
 
-def _grouped(fn: Callable, xs: tuple[jax.Array, ...], mask: jax.Array, out_size: int,
-             num_sizes: int):  # fmt: skip
+def _grouped(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]:
   """`_compacted` per group of `ATTENTION_GROUP` images of similar token counts.
 
   In a large batch the fullest image is near the cap, so one size for the whole batch would run
@@ -159,14 +223,15 @@ def _grouped(fn: Callable, xs: tuple[jax.Array, ...], mask: jax.Array, out_size:
   own fullest image; results go back in the batch's order. Attention is per image, so grouping
   changes no number.
   """
-  b = mask.shape[0]
+  counted = ops['key_mask'] if 'key_mask' in ops else ops['query_mask']
+  b = counted.shape[0]
   if b <= ATTENTION_GROUP or b % ATTENTION_GROUP:
-    return _compacted(fn, xs, mask, out_size, num_sizes)
-  order = jnp.argsort(jnp.sum(mask > 0, axis=-1))  # [B] fewest tokens first
-  grouped = [x[order].reshape(-1, ATTENTION_GROUP, *x.shape[1:]) for x in (*xs, mask)]
+    return _compacted(fn, ops, num_sizes)
+  order = jnp.argsort(jnp.sum(counted > 0, axis=-1))  # [B] fewest tokens first
+  grouped = jax.tree.map(lambda x: x[order].reshape(-1, ATTENTION_GROUP, *x.shape[1:]), ops)
 
   def group(carry, chunk):
-    return carry, _compacted(fn, tuple(chunk[:-1]), chunk[-1], out_size, num_sizes)
+    return carry, _compacted(fn, chunk, num_sizes)
 
   _, ys = jax.lax.scan(group, None, grouped)
   back = jnp.argsort(order)  # [B] the inverse permutation
@@ -188,7 +253,7 @@ def _data_parallel(run: Callable, replicated: int) -> Callable:
 
 
 def token_map(
-  fn: TokenFn, modules, *xs: jax.Array, mask: jax.Array | None, num_sizes: int
+  fn: TokenFn, modules, *xs: jax.Array, mask: jax.Array | None, num_chunks: int
 ) -> tuple[jax.Array, ...]:
   """`fn(modules, *xs)` on every token of xs [B, N, ...]: see the module docstring for where.
 
@@ -196,23 +261,33 @@ def token_map(
   """
   if mask is None:
     return fn(modules, *xs)
-  if not num_sizes:
+  if not num_chunks:
     return tuple(_zero_padded(y, mask) for y in fn(modules, *xs))
   graphdef, params = nnx.split(modules)
 
   def pure(params, *tokens):
     return fn(nnx.merge(graphdef, params), *tokens)
 
-  run = _data_parallel(lambda p, xs, m: _packed(pure, p, xs, m, num_sizes), replicated=1)
+  run = _data_parallel(lambda p, xs, m: _packed(pure, p, xs, m, num_chunks), replicated=1)
   return run(params, tuple(xs), mask > 0)
 
 
 def slot_map(
-  fn: Callable, *xs: jax.Array, mask: jax.Array | None, out_size: int, num_sizes: int
+  fn: Callable,
+  keys: tuple[jax.Array, ...],
+  key_mask: jax.Array | None,
+  queries: tuple[jax.Array, ...],
+  query_mask: jax.Array | None,
+  *,
+  num_sizes: int,
 ) -> tuple[jax.Array, ...]:
-  """`fn(*xs, mask)` -> outputs [B, out_size, ...], on the fewest leading slots that hold each
-  group's fullest image (a ladder of `num_sizes` sizes, `_grouped`), or on all when 0."""
-  if mask is None or not num_sizes:
-    return fn(*xs, mask)
-  run = _data_parallel(lambda xs, m: _grouped(fn, xs, m, out_size, num_sizes), replicated=0)
-  return run(tuple(xs), mask)
+  """`fn(keys=, key_mask=, queries=, query_mask=)` -> outputs [B, Nq, ...], on the fewest leading
+  slots that hold each group's fullest image (a ladder of `num_sizes` sizes, `_grouped`), or on
+  all slots when 0 or nothing is masked. keys [B, Nk, ...], queries [B, Nq, ...] (Nq <= Nk)."""
+  if query_mask is None or not num_sizes:
+    return fn(keys=keys, key_mask=key_mask, queries=queries, query_mask=query_mask)
+  ops = dict(keys=keys, queries=queries, query_mask=query_mask)
+  if key_mask is not None:
+    ops['key_mask'] = key_mask
+  run = _data_parallel(lambda ops: _grouped(fn, ops, num_sizes), replicated=0)
+  return run(ops)
