@@ -17,8 +17,14 @@ epoch. Every epoch drops its last partial batch (the order changes each epoch, s
 are dropped does too), making steps_per_epoch = min over processes of examples // local batch. So
 batch `step` is a function of (config, step) alone: `start_step` builds epoch step //
 steps_per_epoch and skips the earlier examples of it before they are decoded (at most one epoch of
-paths, arrays or, for TFDS, encoded records read from disk). The pipeline restarts at each epoch
-boundary (a short stall while the shuffle buffer refills).
+paths, arrays or, for TFDS, encoded records read from disk). For 'digits' and 'folder' the epochs
+are one endless tf.data pipeline (each epoch's order computed as it begins), so an epoch boundary
+costs nothing; a TFDS reader is rebuilt per epoch (a short stall while its shuffle buffer fills).
+
+Batches leave as uint8 (a quarter of float32's bytes to the device) with, for training, random
+erasing's boxes: normalisation and the erasing noise run in the jitted step (`device_images`).
+Training crops a JPEG before decoding it: only the random-resized-crop box (plus a margin that
+keeps the pixels exactly PIL's) is decoded.
 
 Repeated augmentation (config.aug.repeats = r > 1, DeiT's 3) follows DeiT's RASampler instead:
 epoch e is one shuffle of the whole split seeded by (seed, e), the same on every process; each
@@ -79,6 +85,12 @@ class _Split:
   decode: Callable[[tf.Tensor], tf.Tensor]  # record -> uint8 [h, w, 3]
   # (process, process count, shuffle seed, repeats, first, stop position) -> the file at fault
   find_bad_file: Callable[[int, int, int | None, int, int, int], str | None] = lambda *_: None
+  # record -> what train_pixels takes: the encoded file (decoded there, only the crop) or pixels
+  load: Callable[[tf.Tensor], tf.Tensor] = lambda record: record
+  # (process, process count, repeats, epoch -> shuffle seed, first epoch, examples per epoch) ->
+  # every epoch from the first as one endless dataset of (position, key, record, label); None: TFDS,
+  # whose reader is built per epoch in Python
+  stream: Callable[..., tf.data.Dataset] | None = None
 
   @property
   def num_examples(self) -> int:
@@ -98,9 +110,12 @@ def train_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Endless augmented batches, this process' config.batch_size // process_count of each.
 
-  Yields {'image': float32 [b, S, S, 3] normalised, 'label': int32 [b]}; the batch at `step` is
-  the same whether reached from step 0 or by starting at start_step=step. Problems with the
-  config or the data layout raise InputError here; an unreadable image raises it when reached.
+  Yields {'image': uint8 [b, S, S, 3], 'label': int32 [b], 'erase': int32 [b, 4]}: DeiT's train
+  transform up to normalisation and random erasing's noise, which the jitted step adds
+  (`device_images`: ImageNet mean/std, noise in each 'erase' box (top, left, h, w; h = 0: none)).
+  The batch at `step` is the same whether reached from step 0 or by starting at start_step=step.
+  Problems with the config or the data layout raise InputError here; an unreadable image raises
+  it when reached.
   """
   _keep_tf_off_accelerators()
   host, num_hosts, batch = _local_batch(config.batch_size, 'batch_size')
@@ -134,9 +149,11 @@ def eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the eval split in this process' share of batches of config.eval_batch_size.
 
-  Yields {'image': float32 [b, S, S, 3], 'label': int32 [b], 'mask': bool [b]}. Padding (mask
-  False, zero image, label 0) fills the last batch, and every process yields the same number of
-  batches, as multi-host jit requires, so each example counts exactly once.
+  Yields {'image': uint8 [b, S, S, 3], 'label': int32 [b], 'mask': bool [b]}: the eval transform
+  up to normalisation, which the jitted step does (`device_images.normalize` with
+  eval_data_config's mean and std). Padding (mask False, zero image, label 0) fills the last
+  batch, and every process yields the same number of batches, as multi-host jit requires, so
+  each example counts exactly once.
   """
   _keep_tf_off_accelerators()
   host, num_hosts, batch = _local_batch(config.eval_batch_size, 'eval_batch_size')
@@ -149,13 +166,13 @@ def eval_batches(
   data = eval_data_config(config)
 
   def prepare(record: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
-    image = preprocessing.eval_image(
-      split.decode(record), image_size, data.crop_pct, data.interpolation, data.mean, data.std
+    image = preprocessing.eval_pixels(
+      split.decode(record), image_size, data.crop_pct, data.interpolation
     )
     return {'image': image, 'label': tf.cast(label, tf.int32), 'mask': tf.constant(True)}
 
   padding = {
-    'image': tf.zeros((image_size, image_size, 3), tf.float32),
+    'image': tf.zeros((image_size, image_size, 3), tf.uint8),
     'label': tf.constant(0, tf.int32),
     'mask': tf.constant(False),
   }
@@ -163,16 +180,14 @@ def eval_batches(
   ds = ds.concatenate(
     tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch - sizes[host])
   )
-  ds = _finish(ds.batch(batch, drop_remainder=True))
+  ds = _finish(ds.batch(batch, drop_remainder=True), deterministic=True)
   logging.info(
     'Evaluating on %s: %d batches of %d per process.', split.description, num_batches, batch
   )
   return _checked(
     ds,
-    lambda start, stop: split.find_bad_file(host, num_hosts, None, 1, start, stop),
+    lambda i: split.find_bad_file(host, num_hosts, None, 1, i * batch, (i + 1) * batch),
     split.description,
-    first=0,
-    batch=batch,
   )
 
 
@@ -197,54 +212,76 @@ def _train_epochs(
   steps_per_epoch: int,
   start_step: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Chains the epochs, entering the first at start_step."""
+  """Every epoch from the one holding start_step, entered at start_step."""
   epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
-  repeats = config.aug.repeats
+  repeats, per_epoch = config.aug.repeats, steps_per_epoch * batch
 
-  # One tf.function for every epoch: tf.data would otherwise retrace the augmentation (seconds
-  # with RandAugment) each time an epoch's pipeline is built.
-  @tf.function
-  def prepare(position: tf.Tensor, key: tf.Tensor, record: tf.Tensor, label: tf.Tensor):
-    seed = tf.random.experimental.stateless_fold_in(key, position)  # int64 [2]
-    image = preprocessing.train_image(split.decode(record), seed, image_size, config.aug)
-    return {'image': image, 'label': tf.cast(label, tf.int32)}
-
-  while True:
+  def seeds(epoch: int) -> tuple[int, list[int]]:
+    """(shuffle seed, augmentation key) of an epoch of this process."""
     # A process' own stream: the shuffle and the augmentation differ per process and per epoch.
     seq = np.random.SeedSequence([config.seed % 2**64, host, epoch])  # it needs seeds >= 0
     shuffle_seed, *aug_key = (int(s) for s in seq.generate_state(3))
     if repeats > 1:  # one shuffle of the whole split, the same on every process
       shuffle_seed = int(np.random.SeedSequence([config.seed % 2**64, epoch]).generate_state(1)[0])
-    key = tf.constant(aug_key, tf.int64)
-    skip = step_in_epoch * batch
-    ds = split.records(host, num_hosts, shuffle_seed, repeats).take(steps_per_epoch * batch)
+    return shuffle_seed, aug_key
+
+  # One tf.function for every epoch: tf.data would otherwise retrace the augmentation (seconds
+  # with RandAugment) each time a TFDS epoch's pipeline is built.
+  @tf.function
+  def prepare(position: tf.Tensor, key: tf.Tensor, record: tf.Tensor, label: tf.Tensor):
+    seed = tf.random.experimental.stateless_fold_in(key, position)  # int64 [2]
+    image, erase = preprocessing.train_pixels(split.load(record), seed, image_size, config.aug)
+    return {'image': image, 'label': tf.cast(label, tf.int32), 'erase': erase}
+
+  def finish(ds: tf.data.Dataset) -> tf.data.Dataset:
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    return _finish(ds.batch(batch, drop_remainder=True), deterministic=True)
+
+  def find(epoch: int, first: int) -> Callable[[int], str | None]:
+    """Batch i of a stream entering `epoch` at position `first` -> the unreadable file in it."""
+
+    def bad_file(i: int) -> str | None:
+      e, start = divmod(first + i * batch, per_epoch)
+      shuffle_seed = seeds(epoch + e)[0]
+      return split.find_bad_file(host, num_hosts, shuffle_seed, repeats, start, start + batch)
+
+    return bad_file
+
+  skip = step_in_epoch * batch
+  if split.stream is not None:  # one dataset: no restart, no stall, at epoch boundaries
+    ds = split.stream(host, num_hosts, repeats, seeds, epoch, per_epoch)
+    yield from _checked(finish(ds.skip(skip)), find(epoch, skip), split.description)
+    return
+  while True:  # TFDS: a reader per epoch, each a new shuffle of the files
+    shuffle_seed, aug_key = seeds(epoch)
+    ds = split.records(host, num_hosts, shuffle_seed, repeats).take(per_epoch)
     ds = ds.enumerate().skip(skip)  # positions count from the epoch start; skip before decoding
-    ds = ds.map(lambda i, ex, key=key: prepare(i, key, *ex), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = _finish(ds.batch(batch, drop_remainder=True))
-    find = functools.partial(split.find_bad_file, host, num_hosts, shuffle_seed, repeats)
-    yield from _checked(ds, find, split.description, first=skip, batch=batch)
-    epoch, step_in_epoch = epoch + 1, 0
+    key = tf.constant(aug_key, tf.int64)
+    ds = ds.map(lambda i, ex, key=key: (i, key, *ex))
+    yield from _checked(finish(ds), find(epoch, skip), split.description)
+    epoch, skip = epoch + 1, 0
 
 
-def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """Prefetches, and fixes the order: parallel maps must not reorder what resume relies on."""
+def _finish(ds: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
+  """Prefetches, and fixes the order: parallel maps must not reorder what resume relies on.
+
+  Its own thread pool of one thread per core, each op single-threaded (as Flax's ImageNet example
+  and big_vision): the parallelism is across examples, not inside an image's small ops.
+  """
   options = tf.data.Options()
-  options.deterministic = True
+  options.deterministic = deterministic
+  options.threading.private_threadpool_size = os.cpu_count() or 1
+  options.threading.max_intra_op_parallelism = 1
   return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def _checked(
-  ds: tf.data.Dataset,
-  find_bad_file: Callable[[int, int], str | None],
-  description: str,
-  *,
-  first: int,
-  batch: int,
+  ds: tf.data.Dataset, find_bad_file: Callable[[int], str | None], description: str
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields ds as numpy, turning a read or decode failure into an InputError naming the file.
 
-  The order is deterministic, so the failing batch is the next one: its examples are the
-  positions first + i * batch onwards, which find_bad_file decodes one by one.
+  The order is deterministic, so the failing batch is the next one, i: find_bad_file(i) decodes
+  its examples one by one.
   """
   iterator = ds.as_numpy_iterator()
   i = 0
@@ -255,8 +292,7 @@ def _checked(
       return
     except tf.errors.OpError as error:
       reason = _short(error)
-      start = first + i * batch
-      path = find_bad_file(start, start + batch)
+      path = find_bad_file(i)
       where = f'image file {path}' if path else description
       raise InputError(f'cannot read {where}: {reason}') from None
     yield batch_arrays
@@ -334,6 +370,7 @@ def _list_split(
   labels: np.ndarray,
   decode: Callable[[tf.Tensor], tf.Tensor],
   paths: bool = False,
+  load: Callable[[tf.Tensor], tf.Tensor] = lambda record: record,
 ) -> _Split:
   """A split whose examples are all in memory (images or file paths), in a fixed order."""
 
@@ -358,6 +395,41 @@ def _list_split(
     indices = order(host, num_hosts, shuffle_seed, repeats)
     return tf.data.Dataset.from_tensor_slices((records[indices], labels[indices]))
 
+  def stream(
+    host: int,
+    num_hosts: int,
+    repeats: int,
+    seeds: Callable[[int], tuple[int, list[int]]],
+    first_epoch: int,
+    per_epoch: int,
+  ) -> tf.data.Dataset:
+    """(position in its epoch, augmentation key, record, label) of epoch after epoch, endlessly."""
+    all_records, all_labels = tf.constant(records), tf.constant(labels)
+
+    def epoch_plan(epoch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+      shuffle_seed, key = seeds(int(epoch))
+      indices = order(host, num_hosts, shuffle_seed, repeats)[:per_epoch]
+      return indices.astype(np.int64), np.array(key, np.int64)
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+      indices, key = tf.numpy_function(epoch_plan, [epoch], (tf.int64, tf.int64), stateful=False)
+      indices = tf.ensure_shape(indices, [per_epoch])
+      key = tf.ensure_shape(key, [2])
+      return (
+        tf.data.Dataset.from_tensor_slices(indices)
+        .enumerate()
+        .map(
+          lambda position, i: (
+            position,
+            key,
+            tf.gather(all_records, i),
+            tf.gather(all_labels, i),
+          )
+        )
+      )
+
+    return tf.data.Dataset.range(first_epoch, 2**62).flat_map(one_epoch)
+
   def find_bad_file(
     host: int, num_hosts: int, shuffle_seed: int | None, repeats: int, start: int, stop: int
   ) -> str | None:
@@ -370,7 +442,9 @@ def _list_split(
         return str(records[index])
     return None
 
-  return _Split(description, num_classes, host_sizes, read, decode, find_bad_file)
+  return _Split(
+    description, num_classes, host_sizes, read, decode, find_bad_file, load, stream=stream
+  )
 
 
 @functools.cache
@@ -441,6 +515,7 @@ def _folder_split(data_dir: str, train_split: str, split: str) -> _Split:
     np.array(labels, dtype=np.int32),
     _decode_file,
     paths=True,
+    load=tf.io.read_file,  # train_pixels decodes the crop alone
   )
 
 

@@ -60,6 +60,54 @@ def _decode_with_pil(data: tf.Tensor) -> tf.Tensor:
   return image
 
 
+CROP_MARGIN = 16  # pixels decoded around a JPEG crop: a 4:2:0 MCU; see decode_crop
+
+
+def _plain_jpeg(data: tf.Tensor) -> tf.Tensor:
+  """True for a JPEG that TF decodes as PIL does (3 components or grey, not CMYK/YCCK)."""
+  return tf.cond(
+    tf.image.is_jpeg(data),
+    lambda: tf.io.extract_jpeg_shape(data)[2] != 4,
+    lambda: tf.constant(False),
+  )
+
+
+def encoded_shape(data: tf.Tensor) -> tf.Tensor:
+  """(height, width) int32 [2] of encoded image bytes: a JPEG's read from its header alone."""
+  return tf.cond(
+    _plain_jpeg(data),
+    lambda: tf.io.extract_jpeg_shape(data)[:2],
+    lambda: tf.shape(decode_image(data))[:2],
+  )
+
+
+def decode_crop(data: tf.Tensor, box: tf.Tensor) -> tf.Tensor:
+  """The pixels decode_image(data)[top : top + h, left : left + w] for box int32 [4] (top, left,
+  h, w), decoding only the rows and columns around the box where the file is a plain JPEG.
+
+  libjpeg upsamples chroma from neighbouring samples, which a crop decoded alone lacks at its
+  edges (1-7 levels apart there in ~1/3 of crops): the window decoded reaches CROP_MARGIN pixels
+  beyond the box on each side, then the box is cut from it, giving decode_image's exact pixels.
+  """
+  top, left, h, w = tf.unstack(box)
+
+  def jpeg() -> tf.Tensor:
+    img_h, img_w = tf.unstack(tf.io.extract_jpeg_shape(data)[:2])
+    y0, x0 = tf.maximum(top - CROP_MARGIN, 0), tf.maximum(left - CROP_MARGIN, 0)
+    y1 = tf.minimum(top + h + CROP_MARGIN, img_h)
+    x1 = tf.minimum(left + w + CROP_MARGIN, img_w)
+    window = tf.stack([y0, x0, y1 - y0, x1 - x0])
+    image = tf.image.decode_and_crop_jpeg(data, window, channels=3, dct_method='INTEGER_ACCURATE')
+    return image[top - y0 : top - y0 + h, left - x0 : left - x0 + w]
+
+  def other() -> tf.Tensor:
+    return decode_image(data)[top : top + h, left : left + w]
+
+  image = tf.cond(_plain_jpeg(data), jpeg, other)
+  image.set_shape((None, None, 3))
+  return image
+
+
 def normalize(
   image: tf.Tensor, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
 ) -> tf.Tensor:
@@ -82,19 +130,11 @@ def resize_like_pil(image: tf.Tensor, size: tuple, method: str = 'bicubic') -> t
   return image
 
 
-def eval_image(
-  image: tf.Tensor,
-  image_size: int,
-  crop_pct: float = 0.875,
-  interpolation: str = 'bicubic',
-  mean: tuple = IMAGENET_MEAN,
-  std: tuple = IMAGENET_STD,
+def eval_pixels(
+  image: tf.Tensor, image_size: int, crop_pct: float = 0.875, interpolation: str = 'bicubic'
 ) -> tf.Tensor:
-  """DeiT eval: shorter side to image_size / crop_pct (256 for 224), centre crop, normalise.
-
-  image uint8 [h, w, 3] -> float32 [image_size, image_size, 3]. The defaults are DeiT's; a
-  checkpoint records its own (`registry.DataConfig`).
-  """
+  """DeiT eval up to normalisation: shorter side to image_size / crop_pct (256 for 224), centre
+  crop. image uint8 [h, w, 3] -> uint8 [image_size, image_size, 3]."""
   scale_size = int(image_size / crop_pct)  # timm: math.floor(img_size / crop_pct)
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   # torchvision's Resize(int): shorter side to scale_size, longer int(scale_size * long / short)
@@ -105,7 +145,23 @@ def eval_image(
   top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2), tf.int32)
   image = image[top : top + image_size, left : left + image_size]
-  return normalize(tf.ensure_shape(image, (image_size, image_size, 3)), mean, std)
+  return tf.cast(tf.ensure_shape(image, (image_size, image_size, 3)), tf.uint8)
+
+
+def eval_image(
+  image: tf.Tensor,
+  image_size: int,
+  crop_pct: float = 0.875,
+  interpolation: str = 'bicubic',
+  mean: tuple = IMAGENET_MEAN,
+  std: tuple = IMAGENET_STD,
+) -> tf.Tensor:
+  """DeiT eval, normalised: image uint8 [h, w, 3] -> float32 [image_size, image_size, 3].
+
+  The defaults are DeiT's; a checkpoint records its own (`registry.DataConfig`). Eval batches
+  carry eval_pixels; the jitted step normalises them (`device_images.normalize`).
+  """
+  return normalize(eval_pixels(image, image_size, crop_pct, interpolation), mean, std)
 
 
 def _box_sizes(
@@ -165,11 +221,44 @@ def random_resized_crop(
   ratio: tuple[float, float] = (3 / 4, 4 / 3),
   interpolation: str = 'bicubic',
 ) -> tf.Tensor:
-  """timm's RandomResizedCropAndInterpolation: float32 [S, S, 3] of whole numbers in 0..255."""
-  top, left, h, w = tf.unstack(crop_box(seed, tf.shape(image)[0], tf.shape(image)[1], scale, ratio))
-  crop = image[top : top + h, left : left + w]
+  """timm's RandomResizedCropAndInterpolation: float32 [S, S, 3] of whole numbers in 0..255.
+
+  `image` is uint8 pixels [h, w, 3], or the encoded file (a string scalar): then the box is drawn
+  from the JPEG header's size and only the box is decoded (decode_crop), to the same pixels.
+  """
+  encoded = image.dtype == tf.string
+  shape = encoded_shape(image) if encoded else tf.shape(image)[:2]
+  box = crop_box(seed, shape[0], shape[1], scale, ratio)
+  if encoded:
+    crop = decode_crop(image, box)
+  else:
+    top, left, h, w = tf.unstack(box)
+    crop = image[top : top + h, left : left + w]
   crop = resize_like_pil(crop, (image_size, image_size), interpolation)
   return tf.ensure_shape(crop, (image_size, image_size, 3))
+
+
+def erasing_box(
+  seed: tf.Tensor,
+  img_h: int | tf.Tensor,
+  img_w: int | tf.Tensor,
+  prob: float,
+  area: tuple[float, float] = (0.02, 1 / 3),
+  aspect: tuple[float, float] = (0.3, 1 / 0.3),
+) -> tf.Tensor:
+  """timm's RandomErasing(prob, mode='pixel', max_count=1) box: int32 [4] (top, left, h, w).
+
+  With probability prob, the first of 10 (area, log-uniform aspect) boxes that fits strictly
+  inside; if none fits, or the coin says no, an empty box (h = w = 0).
+  """
+  seed_apply, seed_box, seed_pos, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+  heights, widths = _box_sizes(seed_box, img_h * img_w, area, aspect, 10)  # [10], [10]
+  fits = (widths < img_w) & (heights < img_h)  # [10]
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  erase = (tf.random.stateless_uniform((), seed_apply) < prob) & tf.reduce_any(fits)
+  h, w = heights[first], widths[first]
+  top, left = tf.unstack(_randint(seed_pos, tf.stack([img_h - h, img_w - w])))
+  return tf.where(erase, tf.stack([top, left, h, w]), tf.zeros([4], tf.int32))
 
 
 def random_erasing(
@@ -179,45 +268,40 @@ def random_erasing(
   area: tuple[float, float] = (0.02, 1 / 3),
   aspect: tuple[float, float] = (0.3, 1 / 0.3),
 ) -> tf.Tensor:
-  """timm's RandomErasing(prob, mode='pixel', max_count=1) on a normalised image [H, W, C].
-
-  With probability prob, the first of 10 (area, log-uniform aspect) boxes that fits strictly
-  inside is filled with per-pixel standard-normal noise; if none fits, nothing is erased.
-  """
-  seed_apply, seed_box, seed_pos, seed_noise = tf.unstack(
-    tf.random.experimental.stateless_split(seed, 4)
-  )
+  """timm's RandomErasing(prob, mode='pixel', max_count=1) on a normalised image [H, W, C]: the
+  erasing_box filled with per-pixel standard-normal noise. (Training batches carry the box, and
+  the jitted step draws the noise on the device: `device_images.erase`.)"""
   img_h, img_w = tf.shape(image)[0], tf.shape(image)[1]
-  heights, widths = _box_sizes(seed_box, img_h * img_w, area, aspect, 10)  # [10], [10]
-  fits = (widths < img_w) & (heights < img_h)  # [10]
-  first = tf.argmax(tf.cast(fits, tf.int32))
-  erase = (tf.random.stateless_uniform((), seed_apply) < prob) & tf.reduce_any(fits)
-  h, w = heights[first], widths[first]
-  top, left = tf.unstack(_randint(seed_pos, tf.stack([img_h - h, img_w - w])))
+  top, left, h, w = tf.unstack(erasing_box(seed, img_h, img_w, prob, area, aspect))
   rows = tf.range(img_h)[:, None]  # [H, 1]
   cols = tf.range(img_w)[None, :]  # [1, W]
   box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)  # [H, W]
+  seed_noise = tf.random.experimental.stateless_split(seed, 4)[3]
 
   def erased() -> tf.Tensor:  # the noise is drawn only for the images erased
     noise = tf.random.stateless_normal(tf.shape(image), seed_noise, dtype=image.dtype)
     return tf.where(box[..., None], noise, image)
 
-  return tf.cond(erase, erased, lambda: image)
+  return tf.cond(h > 0, erased, lambda: image)
 
 
-def train_image(
+def train_pixels(
   image: tf.Tensor, seed: tf.Tensor, image_size: int, aug: ml_collections.ConfigDict
-) -> tf.Tensor:
-  """DeiT's train transform: image uint8 [h, w, 3], seed int [2] -> float32 [S, S, 3].
+) -> tuple[tf.Tensor, tf.Tensor]:
+  """DeiT's train transform up to normalisation: what the input pipeline sends to the device.
 
-  timm's create_transform(is_training=True) order: random-resized-crop (bicubic), flip,
-  RandAugment on the uint8 image, normalise, random erasing. Each draws from its own split seed.
+  image uint8 [h, w, 3], or the encoded file (only the crop is decoded); seed int [2] ->
+  (uint8 [S, S, 3], random erasing's box int32 [4] (top, left, h, w; h = 0: none)). timm's
+  create_transform(is_training=True) order: random-resized-crop (bicubic), flip, RandAugment on the
+  uint8 image; then, on the device, normalise and random erasing (`device_images`).
   """
   seed = tf.cast(seed, tf.int64)  # stateless_split's draws depend on the seed's dtype
   seeds = tf.random.experimental.stateless_split(seed, 4)
   if aug.random_resized_crop:
     image = random_resized_crop(image, seeds[0], image_size, tuple(aug.rrc_scale))
   else:
+    if image.dtype == tf.string:
+      image = decode_image(image)
     image = resize_like_pil(image, (image_size, image_size))
     image = tf.ensure_shape(image, (image_size, image_size, 3))
   if aug.hflip > 0:
@@ -231,7 +315,19 @@ def train_image(
       aug.randaugment_magnitude,
       aug.randaugment_mstd,
     )
-  image = normalize(image)
+  box = erasing_box(seeds[3], image_size, image_size, aug.random_erasing)
+  return tf.cast(image, tf.uint8), box
+
+
+def train_image(
+  image: tf.Tensor, seed: tf.Tensor, image_size: int, aug: ml_collections.ConfigDict
+) -> tf.Tensor:
+  """DeiT's whole train transform in TensorFlow: image uint8 [h, w, 3], seed int [2] -> float32
+  [S, S, 3] normalised, erased with noise drawn here (the reference for train_pixels + the
+  device's half, which draws its own noise)."""
+  pixels, _ = train_pixels(image, seed, image_size, aug)
+  image = normalize(pixels)
   if aug.random_erasing > 0:
-    image = random_erasing(image, seeds[3], aug.random_erasing)
+    seed = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)[3]
+    image = random_erasing(image, seed, aug.random_erasing)
   return image

@@ -52,13 +52,22 @@ def _bicubic(v: list[tf.Tensor], d: tf.Tensor) -> tf.Tensor:
   return v[1] + d * (p2 + d * (p3 + d * p4))
 
 
-def affine(image: tf.Tensor, matrix: list[tf.Tensor], fill: tuple[int, ...] = FILL) -> tf.Tensor:
-  """PIL's img.transform(size, AFFINE, matrix, BICUBIC, fillcolor=fill), in float64 as PIL.
+def affine(
+  image: tf.Tensor,
+  matrix: list[tf.Tensor],
+  fill: tuple[int, ...] = FILL,
+  rows_only: bool = False,
+) -> tf.Tensor:
+  """PIL's img.transform(size, AFFINE, matrix, BICUBIC, fillcolor=fill).
 
   Output pixel centre (x + .5, y + .5) samples the input at (a x + b y + c, d x + e y + f); points
   outside the input take `fill`, others PIL's bicubic with edge-clamped taps, truncated to uint8.
   Written out because tf.raw_ops.ImageProjectiveTransformV3 has no bicubic and DeiT's RandAugment
-  resamples bicubic (timm passes the train interpolation to RandAugment).
+  resamples bicubic (timm passes the train interpolation to RandAugment). Coordinates are float64
+  as PIL's, the tap sums float32 (PIL: double; float64 costs twice the time), which flips a
+  truncation by one level for ~0.1-0.2% of values.
+  `rows_only` (d = 0, e = 1, f = 0: each output row samples its own input row, as the shears and
+  translations along x) takes the 4 taps along x alone: PIL's weight at y offset 0 is exactly 1.
   """
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   a, b, c, d, e, f = (tf.cast(m, tf.float64) for m in matrix)
@@ -70,16 +79,30 @@ def affine(image: tf.Tensor, matrix: list[tf.Tensor], fill: tuple[int, ...] = FI
   inside = (x_in >= 0) & (x_in < wf) & (y_in >= 0) & (y_in < hf)  # [H, W]
   x_in, y_in = x_in - 0.5, y_in - 0.5  # to pixel-index coordinates
   x0, y0 = tf.floor(x_in), tf.floor(y_in)
-  taps = tf.range(-1, 3)[:, None, None]  # [4, 1, 1]
-  xi = tf.clip_by_value(tf.cast(x0, tf.int32) + taps, 0, w - 1)  # [4, H, W]
-  yi = tf.clip_by_value(tf.cast(y0, tf.int32) + taps, 0, h - 1)  # [4, H, W]
-  flat = tf.reshape(image, [-1, 3])  # [H * W, 3]
-  pixels = tf.cast(tf.gather(flat, yi[:, None] * w + xi[None, :]), tf.float64)  # [4y, 4x, H, W, 3]
-  dx, dy = (x_in - x0)[..., None], (y_in - y0)[..., None]  # [H, W, 1]
-  rows = [_bicubic(tf.unstack(row), dx) for row in tf.unstack(pixels)]  # along x first, as PIL
-  out = _bicubic(rows, dy)  # [H, W, 3]
-  out = tf.cast(_trunc_uint8(out), tf.float32)
+  dx = tf.cast(x_in - x0, tf.float32)[..., None]  # [H, W, 1]
+  dy = tf.cast(y_in - y0, tf.float32)[..., None]
+  # Taps outside the input repeat its edge (PIL clamps them): pad by 2 and index the padding.
+  padded = _edge_pad(image, 2)  # [H + 4, W + 4, 3]
+  flat = tf.reshape(padded, [-1, 3])  # [(H + 4) * (W + 4), 3]
+  row = tf.cast(tf.clip_by_value(y0, -1.0, hf - 1.0), tf.int32) + 1  # tap -1, in padded rows
+  col = tf.cast(tf.clip_by_value(x0, -1.0, wf - 1.0), tf.int32) + 1
+  base = row * (w + 4) + col  # [H, W]: tap (-1, -1) of each output pixel in `flat`
+
+  def along_x(tap_row: int) -> tf.Tensor:  # 4 taps of one row, interpolated along x: [H, W, 3]
+    return _bicubic([tf.gather(flat, base + tap_row * (w + 4) + i) for i in range(4)], dx)
+
+  if rows_only:  # the row at y offset 0; PIL's bicubic at dy = 0 returns it exactly
+    out = along_x(1)
+  else:
+    out = _bicubic([along_x(j) for j in range(4)], dy)  # along x first, as PIL; [H, W, 3]
+  out = _trunc_uint8(out)
   return tf.where(inside[..., None], out, tf.constant(fill, tf.float32))
+
+
+def _edge_pad(image: tf.Tensor, pad: int) -> tf.Tensor:
+  """image [H, W, C] with its edge rows and columns repeated `pad` times. [H + 2p, W + 2p, C]."""
+  image = tf.concat([image[:1]] * pad + [image] + [image[-1:]] * pad, 0)
+  return tf.concat([image[:, :1]] * pad + [image] + [image[:, -1:]] * pad, 1)
 
 
 # The ops: timm's NAME_TO_OP, each (image, arg) -> image; arg is what timm's level function returns.
@@ -173,26 +196,36 @@ def sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
   return tf.pad(inner - image[1:-1, 1:-1], [[1, 1], [1, 1], [0, 0]]) + image
 
 
+def _transposed(op: Op, image: tf.Tensor, arg: tf.Tensor) -> tf.Tensor:
+  """op on the image with rows and columns swapped: a warp along y as one along x (4 taps)."""
+  return tf.transpose(op(tf.transpose(image, [1, 0, 2]), arg), [1, 0, 2])
+
+
 def shear_x(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
   """timm's shear_x: PIL affine (1, factor, 0, 0, 1, 0)."""
-  return affine(image, [1.0, factor, 0.0, 0.0, 1.0, 0.0])
+  return affine(image, [1.0, factor, 0.0, 0.0, 1.0, 0.0], rows_only=True)
 
 
 def shear_y(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """timm's shear_y: PIL affine (1, 0, 0, factor, 1, 0)."""
-  return affine(image, [1.0, 0.0, 0.0, factor, 1.0, 0.0])
+  """timm's shear_y: PIL affine (1, 0, 0, factor, 1, 0), shear_x of the transpose."""
+  return _transposed(shear_x, image, factor)
+
+
+def _translate_x(image: tf.Tensor, pixels: tf.Tensor) -> tf.Tensor:
+  return affine(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0], rows_only=True)
 
 
 def translate_x_rel(image: tf.Tensor, pct: tf.Tensor) -> tf.Tensor:
   """timm's translate_x_rel: shift by pct * width pixels (content moves left for pct > 0)."""
   pixels = tf.cast(pct, tf.float64) * tf.cast(tf.shape(image)[1], tf.float64)
-  return affine(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0])
+  return _translate_x(image, pixels)
 
 
 def translate_y_rel(image: tf.Tensor, pct: tf.Tensor) -> tf.Tensor:
-  """timm's translate_y_rel: shift by pct * height pixels (content moves up for pct > 0)."""
+  """timm's translate_y_rel: shift by pct * height pixels (content moves up for pct > 0), as
+  translate_x_rel of the transpose."""
   pixels = tf.cast(pct, tf.float64) * tf.cast(tf.shape(image)[0], tf.float64)
-  return affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels])
+  return _transposed(_translate_x, image, pixels)
 
 
 # The levels: timm's LEVEL_TO_ARG, each (magnitude in [0, 10], negate) -> the op's argument.

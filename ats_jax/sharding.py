@@ -6,6 +6,9 @@ dimension (big_vision's FSDP rule), which XLA gathers where they are used.
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterable, Iterator
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -52,3 +55,17 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   """This host's share of a batch -> global arrays split over every device (multi-host safe)."""
   sharding = data_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def device_batches(
+  local: Iterable[dict[str, np.ndarray]], mesh: Mesh, size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+  """global_batch of each local batch, `size` batches ahead (flax's prefetch_to_device for jit):
+  the copies to the devices run while the step before them computes."""
+  queue = collections.deque()
+  for batch in local:
+    queue.append(global_batch(batch, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

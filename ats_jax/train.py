@@ -26,7 +26,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
 
-from ats_jax import checkpointing, input_pipeline, mixup, optim, runtime, sharding
+from ats_jax import checkpointing, device_images, input_pipeline, mixup, optim, runtime, sharding
 from ats_jax.models import create_model, pretrained, vit
 from ats_jax.models.factory import load_params
 from ats_jax.models.timm_convert import CheckpointError
@@ -98,11 +98,18 @@ def train_step(
   config: ml_collections.ConfigDict,
   num_classes: int,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One AdamW step on a Mixup/CutMix'ed batch with label smoothing."""
+  """One AdamW step on a Mixup/CutMix'ed batch with label smoothing.
+
+  `batch` is the input pipeline's: uint8 images, normalised here, and random erasing's boxes,
+  filled here with noise drawn from (config.seed, step).
+  """
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  images = device_images.normalize(batch['image'])  # [B, H, W, 3] float32
+  erase_rng = jax.random.fold_in(jax.random.key(config.seed + 2), state.step)
+  images = device_images.erase(images, batch['erase'], erase_rng)
   images, targets = mixup.mix(
     rng,
-    batch['image'],
+    images,
     batch['label'],
     num_classes,
     mixup_alpha=config.aug.mixup,
@@ -127,9 +134,18 @@ def train_step(
   return TrainState(state.step + 1, params, opt_state, ema), metrics
 
 
-def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef):
-  """Sums over the batch's real examples (mask): metrics average right over padded batches."""
-  logits, stats = nnx.merge(graphdef, params)(batch['image'], return_stats=True)
+def eval_step(
+  params: nnx.State,
+  batch: dict[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  mean: tuple[float, ...],
+  std: tuple[float, ...],
+):
+  """Sums over the batch's real examples (mask): metrics average right over padded batches.
+  The uint8 images are normalised here with the eval data config's `mean` and `std`."""
+  images = device_images.normalize(batch['image'], mean, std)  # [B, H, W, 3] float32
+  logits, stats = nnx.merge(graphdef, params)(images, return_stats=True)
   mask = batch['mask'].astype(jnp.float32)  # [B]
   top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [B, 5]
   hits = top == batch['label'][:, None]
@@ -153,12 +169,12 @@ def evaluate(
 ) -> dict[str, Any]:
   """One pass over the eval split (`num_examples` long, for the progress bar): top-1/5, kept
   tokens per block, GFLOPs/image, images/s."""
-  step = eval_step_fn(graphdef, mesh)
+  data = input_pipeline.eval_data_config(config)
+  step = eval_step_fn(graphdef, mesh, tuple(data.mean), tuple(data.std))
   batches = input_pipeline.eval_batches(config, image_size=image_size)
   num_batches = math.ceil(num_examples / config.eval_batch_size)
   totals, seconds, timed_images = None, 0.0, 0
-  for i, local in enumerate(batches):
-    batch = sharding.global_batch(local, mesh)
+  for i, batch in enumerate(sharding.device_batches(batches, mesh)):
     start = time.perf_counter()
     with jax.set_mesh(mesh):  # packed execution packs each device's own images
       sums = jax.device_get(step(params, batch))
@@ -180,12 +196,16 @@ def evaluate(
 
 
 @functools.cache
-def eval_step_fn(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
-  """The jitted `eval_step`, built once per (architecture, mesh): periodic evaluation reuses its
-  compiled program instead of compiling it again."""
-  return jax.jit(
-    functools.partial(eval_step, graphdef=graphdef), out_shardings=sharding.replicated(mesh)
-  )
+def eval_step_fn(
+  graphdef: nnx.GraphDef,
+  mesh: jax.sharding.Mesh,
+  mean: tuple[float, ...] = device_images.IMAGENET_MEAN,
+  std: tuple[float, ...] = device_images.IMAGENET_STD,
+):
+  """The jitted `eval_step`, built once per (architecture, mesh, normalisation): periodic
+  evaluation reuses its compiled program instead of compiling it again."""
+  step = functools.partial(eval_step, graphdef=graphdef, mean=mean, std=std)
+  return jax.jit(step, out_shardings=sharding.replicated(mesh))
 
 
 def _progress(done: int, total: int) -> None:
@@ -277,7 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     out_shardings=(shardings, sharding.replicated(mesh)),
     donate_argnums=0,
   )
-  batches = input_pipeline.train_batches(config, image_size=model.img_size, start_step=start)
+  local = input_pipeline.train_batches(config, image_size=model.img_size, start_step=start)
+  batches = sharding.device_batches(local, mesh)  # the next batches already on their way
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
   preemption = checkpointing.Preemption()
   pending = []
@@ -290,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('Training %d steps (%d per epoch) from step %d', total, steps_per_epoch, start)
   for step in range(start, total):
     with jax.set_mesh(mesh):  # packed execution packs each device's own images
-      state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
+      state, metrics = step_fn(state, next(batches))
     pending.append(metrics)
     done = step + 1
     report(done)

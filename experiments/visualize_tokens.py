@@ -63,7 +63,8 @@ def default_images(config, size: int, count: int) -> tuple[np.ndarray, list[str]
   for i, label in enumerate(batch['label'][batch['mask']]):
     first.setdefault(int(label), i)
   picks = [first[label] for label in sorted(first)][:count]  # digits 0, 1, 2, ...
-  return batch['image'][picks], [f'digit {batch["label"][i]}' for i in picks]
+  images = preprocessing.normalize(batch['image'][picks]).numpy()  # the batches are uint8
+  return images, [f'digit {batch["label"][i]}' for i in picks]
 
 
 def draw(images, names, kept_ids, counts, blocks, model, path: str) -> None:

@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 import convert.__main__ as convert_cli
-from ats_jax import input_pipeline, train
+from ats_jax import device_images, input_pipeline, train
 from ats_jax.models import MODELS, pretrained, registry, vit
 from configs import default, digits_ats
 from tests.conftest import random_timm_model, timm_logits
@@ -111,12 +111,15 @@ def test_eval_preprocessing_comes_from_the_checkpoint_unless_the_config_override
 
 
 def test_eval_batches_normalise_with_the_checkpoints_mean_and_std():
+  """Batches are uint8 whatever the mean and std; the eval step normalises with the checkpoint's."""
   inception = registry.DataConfig((0.5,) * 3, (0.5,) * 3, 0.875, 'bicubic').to_json()
   deit = next(input_pipeline.eval_batches(eval_config('deit_tiny_patch16_224'), image_size=16))
   config = eval_config('deit_tiny_patch16_224', crop_pct=None, checkpoint_data=inception)
   vit = next(input_pipeline.eval_batches(config, image_size=16))
-  pixels = deit['image'] * registry.IMAGENET_STD + registry.IMAGENET_MEAN  # back to [0, 1]
-  np.testing.assert_allclose(vit['image'], (pixels - 0.5) / 0.5, atol=1e-5)
+  np.testing.assert_array_equal(vit['image'], deit['image'])
+  data = input_pipeline.eval_data_config(config)
+  normalised = np.asarray(device_images.normalize(vit['image'], data.mean, data.std))
+  np.testing.assert_allclose(normalised, vit['image'] / 255 / 0.5 - 1, atol=1e-6)
 
 
 def test_evaluate_checkpoint_uses_the_checkpoints_preprocessing_and_eps(tmp_path, monkeypatch):
@@ -143,8 +146,16 @@ def test_evaluate_checkpoint_uses_the_checkpoints_preprocessing_and_eps(tmp_path
     seen['eps'] |= {m.epsilon for _, m in nnx.iter_modules(built) if isinstance(m, nnx.LayerNorm)}
     return built
 
+  step_fn = train.eval_step_fn
+
+  def spy_step_fn(graphdef, mesh, mean, std):
+    seen['normalisation'] = (mean, std)
+    return step_fn(graphdef, mesh, mean, std)
+
   monkeypatch.setattr(input_pipeline, 'eval_batches', spy_batches)
   monkeypatch.setattr(train, 'build_model', spy_build)
+  monkeypatch.setattr(train, 'eval_step_fn', spy_step_fn)
   results = train.evaluate_checkpoint(config, None)
   assert set(results) == {'dense'}
   assert seen['data'] == [data] and seen['eps'] == {1e-12}
+  assert seen['normalisation'] == (data.mean, data.std)

@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from timm.data import create_transform
 
-from ats_jax import input_pipeline, preprocessing
+from ats_jax import device_images, input_pipeline, preprocessing
 from configs import default
 
 STD_LEVELS = 255 * np.array(preprocessing.IMAGENET_STD)  # one normalised unit, in 0..255 levels
@@ -111,7 +111,9 @@ def test_folder_eval_equals_timm_deit_eval_transform(photo_dir):
   )
   assert batch['mask'].all()
   np.testing.assert_array_equal(batch['label'], np.arange(len(encoded_files())))
-  for got, data in zip(batch['image'], encoded_files().values(), strict=True):
+  # uint8 batches, normalised as the eval step does (with the eval data config's mean and std)
+  images = np.asarray(device_images.normalize(batch['image']))
+  for got, data in zip(images, encoded_files().values(), strict=True):
     expected = transform(pil_rgb(data)).permute(1, 2, 0).numpy()  # [224, 224, 3]
     levels = np.abs(got - expected) * STD_LEVELS
     # measured: 1 level in < 1e-3 of values (PIL's resize, reproduced in TF); with TF's default
@@ -120,15 +122,40 @@ def test_folder_eval_equals_timm_deit_eval_transform(photo_dir):
 
 
 def test_folder_train_images_are_pil_decoded(photo_dir):
-  """Augmentation off, a train image is train_image of PIL's pixels, exactly."""
+  """Augmentation off, a train image is train_pixels of PIL's pixels, exactly; normalised on the
+  device, train_image's float image within 1e-6."""
   config = make_config('folder', photo_dir)
   batch = next(input_pipeline.train_batches(config, image_size=SIZE))
   files = list(encoded_files().values())
   assert sorted(batch['label']) == list(range(len(files)))  # one epoch: each file once
-  for got, label in zip(batch['image'], batch['label'], strict=True):
+  normalised = np.asarray(device_images.normalize(batch['image']))
+  for got, on_device, label in zip(batch['image'], normalised, batch['label'], strict=True):
     pixels = tf.constant(np.asarray(pil_rgb(files[label])))
-    expected = preprocessing.train_image(pixels, tf.constant([0, 0]), SIZE, config.aug).numpy()
-    np.testing.assert_array_equal(got, expected)
+    expected, _ = preprocessing.train_pixels(pixels, tf.constant([0, 0]), SIZE, config.aug)
+    np.testing.assert_array_equal(got, expected.numpy())
+    reference = preprocessing.train_image(pixels, tf.constant([0, 0]), SIZE, config.aug).numpy()
+    np.testing.assert_allclose(on_device, reference, atol=1e-6, rtol=0)
+
+
+def test_crop_before_decode_gives_the_pixels_of_decode_then_crop():
+  """decode_crop of every kind of file (4:2:0, 4:2:2, 4:4:4, progressive, grey, CMYK, PNG) equals
+  the crop of decode_image, and the random-resized crop from the bytes the one from the pixels."""
+  rng = np.random.default_rng(0)
+  for name, data in encoded_files().items():
+    encoded = tf.constant(data)
+    full = preprocessing.decode_image(encoded).numpy()
+    h, w = full.shape[:2]
+    np.testing.assert_array_equal(preprocessing.encoded_shape(encoded).numpy(), [h, w])
+    for _ in range(12):
+      bh, bw = int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))
+      top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+      got = preprocessing.decode_crop(encoded, tf.constant([top, left, bh, bw])).numpy()
+      np.testing.assert_array_equal(got, full[top : top + bh, left : left + bw], err_msg=name)
+    for seed in range(3):
+      seed = tf.constant([seed, 1], tf.int64)
+      from_bytes = preprocessing.random_resized_crop(encoded, seed, 32).numpy()
+      from_pixels = preprocessing.random_resized_crop(tf.constant(full), seed, 32).numpy()
+      np.testing.assert_array_equal(from_bytes, from_pixels, err_msg=name)
 
 
 class AtsTestPhotos(tfds.core.GeneratorBasedBuilder):
@@ -162,12 +189,12 @@ def test_tfds_records_decode_as_pil(tmp_path):
   (batch,) = input_pipeline.eval_batches(config, image_size=SIZE)
   for got, label in zip(batch['image'], batch['label'], strict=True):
     crop = input_pipeline.eval_data_config(config).crop_pct
-    expected = preprocessing.eval_image(pixels[label], SIZE, crop).numpy()
+    expected = preprocessing.eval_pixels(pixels[label], SIZE, crop).numpy()
     np.testing.assert_array_equal(got, expected)
   batch = next(input_pipeline.train_batches(config, image_size=SIZE))
   assert sorted(batch['label']) == list(range(len(files)))
   for got, label in zip(batch['image'], batch['label'], strict=True):
-    expected = preprocessing.train_image(pixels[label], tf.constant([0, 0]), SIZE, config.aug)
+    expected, _ = preprocessing.train_pixels(pixels[label], tf.constant([0, 0]), SIZE, config.aug)
     np.testing.assert_array_equal(got, expected.numpy())
 
 
@@ -194,7 +221,7 @@ def test_folder_evaluates_to_timms_top1_on_the_same_weights(photo_dir):
   inputs = torch.stack([transform(pil_rgb(data)) for data in encoded_files().values()])
   with torch.no_grad():
     expected = reference(inputs).numpy()
-  got = np.asarray(nnx.jit(lambda m, x: m(x))(model, batch['image']))
+  got = np.asarray(nnx.jit(lambda m, x: m(x))(model, device_images.normalize(batch['image'])))
   top2 = np.sort(expected, axis=-1)[:, -2:]
   decisive = top2[:, 1] - top2[:, 0] > 1e-3
   assert decisive.sum() >= len(decisive) // 2

@@ -54,9 +54,9 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
 
 
 def eval_reference(images: list[np.ndarray], crop_pct: float = 0.875) -> np.ndarray:
-  """preprocessing.eval_image of each uint8 image: what eval batches must hold, nothing added."""
+  """preprocessing.eval_pixels of each uint8 image: what eval batches must hold, nothing added."""
   return np.stack(
-    [preprocessing.eval_image(tf.constant(x), SIZE, crop_pct).numpy() for x in images]
+    [preprocessing.eval_pixels(tf.constant(x), SIZE, crop_pct).numpy() for x in images]
   )
 
 
@@ -99,12 +99,13 @@ def test_digits_info_and_train_batches():
   assert input_pipeline.dataset_info(config.data) == DatasetInfo(10, 1437, 360)
   batches = take(input_pipeline.train_batches(config, image_size=SIZE), 2)
   for batch in batches:
-    assert batch.keys() == {'image', 'label'}
-    assert batch['image'].shape == (64, SIZE, SIZE, 3) and batch['image'].dtype == np.float32
+    assert batch.keys() == {'image', 'label', 'erase'}
+    assert batch['image'].shape == (64, SIZE, SIZE, 3) and batch['image'].dtype == np.uint8
     assert batch['label'].shape == (64,) and batch['label'].dtype == np.int32
+    assert batch['erase'].shape == (64, 4) and batch['erase'].dtype == np.int32
     assert 0 <= batch['label'].min() and batch['label'].max() < 10
-    # Normalised: black background is -mean/std, white strokes (1 - mean)/std.
-    assert -2.2 < batch['image'].min() < -1.7 and 2.0 < batch['image'].max() < 2.7
+    # uint8, normalised on the device: black background, white strokes.
+    assert batch['image'].min() == 0 and batch['image'].max() >= 240
   assert not np.array_equal(batches[0]['label'], batches[1]['label'])
 
 
@@ -190,6 +191,26 @@ def test_folder_info_classes_and_eval_equal_preprocessing(folder):
   np.testing.assert_array_equal(labels, np.repeat([0, 1, 2], 5))  # apple, mango, zebra
   assert all('/zebra/' in f for f in val_files[10:])
   np.testing.assert_allclose(images, eval_reference([decode(f) for f in val_files]), atol=1e-6)
+
+
+def test_epochs_are_one_pipeline_without_restarts(indexed_folder, monkeypatch):
+  """Training on a folder crosses epoch boundaries in one tf.data pipeline: no rebuild, no stall;
+  each epoch still a new shuffle of every example once."""
+  pipelines = []
+  checked = input_pipeline._checked
+  monkeypatch.setattr(
+    input_pipeline, '_checked', lambda ds, *a, **k: pipelines.append(ds) or checked(ds, *a, **k)
+  )
+  config = make_config('folder', indexed_folder, eval_split='val', batch_size=10)
+  steps = INDEXED // 10
+  batches = take(input_pipeline.train_batches(config, image_size=SIZE), 3 * steps)  # 3 epochs
+  assert len(pipelines) == 1
+  epochs = [
+    np.concatenate([b['label'] for b in batches[e * steps : (e + 1) * steps]]) for e in range(3)
+  ]
+  for labels in epochs:  # one image per class: each example once per epoch
+    assert sorted(labels) == list(range(INDEXED))
+  assert not np.array_equal(epochs[0], epochs[1])
 
 
 def test_folder_train_batches(folder):

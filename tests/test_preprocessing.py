@@ -87,8 +87,9 @@ def test_op_matches_timm(small_photo, monkeypatch, name, magnitude, negate):
   got = randaugment.apply_op(image, tf.constant(index), magnitude, tf.constant(negate)).numpy()
   diff = np.abs(got - expected)
   if name in GEOMETRIC:
-    # PIL's bicubic in double, reproduced; float rounding flips a truncation for ~1e-5 of values
-    assert diff.max() <= 1 and np.mean(diff > 0) <= 1e-3, (diff.max(), np.mean(diff > 0))
+    # PIL's bicubic, summed in float32 (PIL: double): measured, a truncation flipped by one level
+    # for up to 0.2% of values (float64: ~1e-5)
+    assert diff.max() <= 1 and np.mean(diff > 0) <= 4e-3, (diff.max(), np.mean(diff > 0))
   else:
     np.testing.assert_array_equal(got, expected)
 

@@ -12,7 +12,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -21,7 +20,7 @@ from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
 
 import convert.__main__ as convert_cli
-from ats_jax import input_pipeline, optim, sharding, train
+from ats_jax import device_images, input_pipeline, optim, sharding, train
 from ats_jax.models import vit
 from configs import digits_ats
 from tests.conftest import random_timm_model
@@ -101,7 +100,7 @@ def test_evaluation_counts_every_example_once_with_a_partial_last_batch():
   result = train.evaluate(config, graphdef, params, mesh, 16, ats_blocks=(1,), num_examples=360)
   logits, labels, kept = [], [], []  # the same by hand, batch by batch, dropping the padding
   for batch in input_pipeline.eval_batches(config, image_size=16):
-    out, stats = model(jnp.asarray(batch['image']), return_stats=True)
+    out, stats = model(device_images.normalize(batch['image']), return_stats=True)
     logits.append(np.asarray(out)[batch['mask']])
     labels.append(batch['label'][batch['mask']])
     kept.append(np.asarray(stats['kept_tokens'])[batch['mask'], 1])
