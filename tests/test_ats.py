@@ -321,3 +321,26 @@ def test_masked_softmax_ignores_padded_keys_of_any_size():
   expected = (e + SOFTMAX_EPS / 3) / (e.sum(-1, keepdims=True) + SOFTMAX_EPS)
   np.testing.assert_allclose(got[0, :, :, :3], expected, rtol=1e-6)
   assert (got[0, :, :, 3:] == 0).all() and np.isfinite(got).all()
+
+
+def test_inverse_transform_is_the_first_nearest_cdf_value_even_with_ties():
+  """The binary searches against a brute-force argmin |y - c| (first on ties) over CDFs with
+  repeated values (zero scores), grid points landing exactly on CDF values, and padding."""
+  rng = np.random.default_rng(1)
+  m = 40
+  for trial in range(200):
+    num_real = int(rng.integers(1, m + 1))
+    scores = rng.random(num_real) * (rng.random(num_real) < 0.6)  # many zeros: repeated values
+    scores = np.sort(np.round(scores, int(rng.integers(1, 4))))  # coarse: exact ties
+    sorted_scores = np.zeros(m, np.float32)
+    sorted_scores[:num_real] = scores
+    cdf = token_sampling.normalized_cdf(jnp.asarray(sorted_scores)[None], jnp.asarray([num_real]))
+    grid_size = int(rng.choice([2, 7, 40]))
+    got = np.asarray(token_sampling.inverse_transform(cdf, grid_size))[0]
+    c = np.asarray(cdf)[0]
+    y0 = c[(c > 0) & np.isfinite(c)].min() if ((c > 0) & np.isfinite(c)).any() else 1.0
+    grid = np.float32(y0) + np.arange(grid_size, dtype=np.float32) / np.float32(grid_size - 1) * (
+      np.float32(1) - np.float32(y0)
+    )
+    expected = np.argmin(np.abs(grid[:, None] - c[None, :]), axis=-1)
+    np.testing.assert_array_equal(got, expected, err_msg=f'trial {trial}')

@@ -35,12 +35,12 @@ def test_chunks_split_the_slots_in_multiples_of_8_rows_at_least_16():
   assert packing.chunk_rows(197, 1) == 197
 
 
-def test_stream_indices_read_real_slots_image_after_image_and_write_the_rest_to_a_spare():
+def test_stream_indices_read_real_slots_image_after_image_and_write_the_rest_out_of_bounds():
   mask = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]], bool)
   source, dest, total = packing.stream_indices(mask, 8)
   assert int(total) == 6
   assert np.asarray(source).tolist() == [0, 1, 2, 4, 8, 9, 0, 0]  # past the total: a real slot
-  assert np.asarray(dest).tolist() == [0, 1, 2, 4, 8, 9, 12, 12]  # past the total: the spare
+  assert np.asarray(dest).tolist() == [0, 1, 2, 4, 8, 9, 12, 12]  # past the total: dropped
 
 
 @pytest.mark.parametrize('num_chunks', [1, 3, 64])

@@ -71,7 +71,7 @@ def stream_indices(mask: jax.Array, length: int) -> tuple[jax.Array, jax.Array, 
   """Where each row of a packed stream of `length` rows reads and writes, and how many are real.
 
   mask [B, N] bool, real tokens first -> source [L] (the flat B*N slot each stream row reads: image
-  after image), dest [L] (the slot it writes: its source, or B*N, a spare slot, for the rows past
+  after image), dest [L] (the slot it writes: its source, or B*N, out of bounds, for the rows past
   the batch's total) and that total. Rows past the total read the first image's cls token (real,
   so finite); what they write is never read.
   """
@@ -126,28 +126,29 @@ def _chunk(indices: jax.Array, i: jax.Array, rows: int) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _stream_map(fn: Callable, rows: int, params, flats, source, dest, total):
   """`fn(params, *rows of flats)` on the stream rows [0, total), `rows` at a time, in a loop that
-  stops after the last real row: outputs [B*N + 1, ...], zero in every slot no stream row writes
-  (the padded slots), the last slot spare. flats: the inputs [B*N, ...]."""
+  stops after the last real row: outputs [B*N, ...], zero in every slot no stream row writes (the
+  padded slots). flats: the inputs [B*N, ...]; rows past the total write out of bounds (dropped)."""
   probe = [jax.ShapeDtypeStruct((rows, *f.shape[1:]), f.dtype) for f in flats]
   shapes = jax.eval_shape(fn, params, *probe)
-  outs = tuple(jnp.zeros((flats[0].shape[0] + 1, *s.shape[1:]), s.dtype) for s in shapes)
+  outs = tuple(jnp.zeros((flats[0].shape[0], *s.shape[1:]), s.dtype) for s in shapes)
 
   def body(i, outs):
     src, dst = _chunk(source, i, rows), _chunk(dest, i, rows)
     ys = fn(params, *(f[src] for f in flats))
-    return tuple(o.at[dst].set(y, indices_are_sorted=True) for o, y in zip(outs, ys, strict=True))
+    return tuple(_write(o, dst, y) for o, y in zip(outs, ys, strict=True))
 
   return jax.lax.fori_loop(0, (total + rows - 1) // rows, body, outs)
 
 
+def _write(out: jax.Array, dst: jax.Array, y: jax.Array, add: bool = False) -> jax.Array:
+  """out[dst] = y (or += y), rows of out in increasing order; out-of-bounds rows dropped."""
+  at = out.at[dst]
+  return (at.add if add else at.set)(y, indices_are_sorted=True, mode='drop')
+
+
 def _stream_map_fwd(fn, rows, params, flats, source, dest, total):
-  return _stream_map(fn, rows, params, flats, source, dest, total), (
-    params,
-    flats,
-    source,
-    dest,
-    total,
-  )
+  residuals = (params, flats, source, dest, total)
+  return _stream_map(fn, rows, params, flats, source, dest, total), residuals
 
 
 def _stream_map_bwd(fn, rows, residuals, cts):
@@ -159,17 +160,14 @@ def _stream_map_bwd(fn, rows, residuals, cts):
     dparams, dflats = carry
     src, dst = _chunk(source, i, rows), _chunk(dest, i, rows)
     _, vjp = jax.vjp(fn, params, *(f[src] for f in flats))
-    dp, *dxs = vjp(tuple(ct[dst] for ct in cts))  # rows past the total: zero cotangents
+    # rows past the total read zero cotangents (out of bounds: filled), so give zero gradients
+    dp, *dxs = vjp(tuple(ct.at[dst].get(mode='fill', fill_value=0) for ct in cts))
     dparams = jax.tree.map(jnp.add, dparams, dp)
-    dflats = tuple(
-      d.at[dst].add(dx, indices_are_sorted=True) for d, dx in zip(dflats, dxs, strict=True)
-    )
-    return dparams, dflats
+    return dparams, tuple(_write(d, dst, dx, add=True) for d, dx in zip(dflats, dxs, strict=True))
 
-  spare = tuple(jnp.zeros((f.shape[0] + 1, *f.shape[1:]), f.dtype) for f in flats)
-  init = (jax.tree.map(jnp.zeros_like, params), spare)
+  init = (jax.tree.map(jnp.zeros_like, params), tuple(jnp.zeros_like(f) for f in flats))
   dparams, dflats = jax.lax.fori_loop(0, (total + rows - 1) // rows, body, init)
-  return dparams, tuple(d[:-1] for d in dflats), None, None, None
+  return dparams, dflats, None, None, None
 
 
 _stream_map.defvjp(_stream_map_fwd, _stream_map_bwd)
@@ -182,7 +180,7 @@ def _packed(fn: Callable, params, xs: tuple[jax.Array, ...], mask: jax.Array, nu
   source, dest, total = stream_indices(mask, -(-b * n // rows) * rows)
   flats = tuple(x.reshape(b * n, *x.shape[2:]) for x in xs)
   ys = _stream_map(fn, rows, params, flats, source, dest, total)
-  return tuple(y[:-1].reshape(b, n, *y.shape[1:]) for y in ys)
+  return tuple(y.reshape(b, n, *y.shape[1:]) for y in ys)
 
 
 def _compacted(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]:

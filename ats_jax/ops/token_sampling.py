@@ -37,18 +37,32 @@ def normalized_cdf(sorted_scores: jax.Array, num_real: jax.Array) -> jax.Array:
   return jnp.where(real, cdf, jnp.inf)
 
 
+def _first_at_least(sorted_rows: jax.Array, values: jax.Array) -> jax.Array:
+  """Per row, the first position whose value is >= each of `values` (a binary search, not a
+  [B, G, M] comparison): sorted_rows [B, M] ascending, values [B, G] -> [B, G] in [0, M]."""
+  return jax.vmap(lambda a, v: jnp.searchsorted(a, v, side='left'))(sorted_rows, values)
+
+
 def inverse_transform(cdf: jax.Array, grid_size: int) -> jax.Array:
   """Picks, per grid point, the sorted position whose CDF is nearest (first on ties): [B, G].
 
   The grid runs evenly from the smallest non-zero CDF value y0 to 1, so the lowest-scored token
   (c = 0) is never picked. An image whose CDF has no non-zero value (one real token, or all score
   mass on the top token) gets y0 = 1: it keeps its top token only. The spec leaves this case open.
+  The CDF ascends, so the nearest value to y is the first one >= y or the one just below it (the
+  first of its copies when tied): two binary searches instead of a [B, G, M] argmin.
   """
+  m = cdf.shape[-1]
   y0 = jnp.min(jnp.where(cdf > 0, cdf, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
   y0 = jnp.where(jnp.isfinite(y0), y0, 1.0)
   steps = jnp.arange(grid_size, dtype=jnp.float32) / max(grid_size - 1, 1)
   grid = y0 + steps * (1.0 - y0)  # [B, G]
-  return jnp.argmin(jnp.abs(grid[:, :, None] - cdf[:, None, :]), axis=-1)  # [B, G]
+  above = _first_at_least(cdf, grid)  # [B, G]
+  over = jnp.take_along_axis(cdf, jnp.minimum(above, m - 1), axis=-1)
+  under = jnp.take_along_axis(cdf, jnp.maximum(above - 1, 0), axis=-1)
+  up = jnp.where(above < m, over - grid, jnp.inf)  # |y - c| of the first c >= y
+  down = jnp.where(above > 0, grid - under, jnp.inf)  # ... of the last c < y
+  return jnp.where(down <= up, _first_at_least(cdf, under), above)  # ties: the lower position
 
 
 def sample_tokens(
@@ -66,11 +80,13 @@ def sample_tokens(
   sorted_scores = jnp.where(
     jnp.arange(m) < num_real[:, None], jnp.take_along_axis(scores, order, axis=-1), 0.0
   )
-  picks = inverse_transform(normalized_cdf(sorted_scores, num_real), grid_size)  # [B, G]
-  picked = (picks[:, :, None] == jnp.arange(m)).any(axis=1)  # [B, M]; no scatter: shards cleanly
+  picks = inverse_transform(normalized_cdf(sorted_scores, num_real), grid_size)  # [B, G] ascending
+  positions = jnp.broadcast_to(jnp.arange(m), (picks.shape[0], m))
+  first = _first_at_least(picks, positions)  # [B, M]: the first pick >= each position
+  hit = jnp.take_along_axis(picks, jnp.minimum(first, picks.shape[1] - 1), axis=-1)
+  picked = (first < picks.shape[1]) & (hit == positions)  # [B, M]; no scatter: shards cleanly
   picked_above = jnp.cumsum(picked[:, ::-1], axis=-1)[:, ::-1]  # picks at sorted positions >= i
   keep = picked & (picked_above <= max_kept)  # [B, M]: the top `max_kept` distinct picks
-  positions = jnp.arange(m)
   slots = jnp.argsort(jnp.where(keep, positions, m + positions), axis=-1)[:, :max_kept]
   valid = jnp.arange(max_kept) < keep.sum(axis=-1, keepdims=True)  # [B, K']
   return jnp.take_along_axis(order, slots, axis=-1), valid
