@@ -208,7 +208,7 @@ def _compacted(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]
     return run
 
   needed = jnp.max(jnp.sum(counted > 0, axis=-1))
-  index = jnp.searchsorted(jnp.asarray(sizes), needed, side='left')
+  index = jnp.searchsorted(jnp.asarray(sizes), needed, side='left', method='compare_all')
   return switch_remat(index, branch, sizes, ops)
 
 
