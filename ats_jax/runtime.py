@@ -16,11 +16,12 @@ DISTRIBUTED = ('auto', 'on', 'off')
 # Environment variables of the cluster launchers `jax.distributed.initialize()` auto-detects.
 CLUSTER_VARIABLES = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES')
 ACCELERATORS = ('gpu', 'tpu')
-CACHE_EVENTS = {
-  '/jax/compilation_cache/cache_hits': 'hits',
-  '/jax/compilation_cache/cache_misses': 'misses',
-}
-cache_counts: collections.Counter = collections.Counter()
+# JAX's monitoring events: one backend-compile duration per program that reaches XLA, whether
+# compiled or loaded from the persistent cache; a cache hit per program loaded. (JAX's
+# '/jax/compilation_cache/cache_misses' counts cache writes only, not programs compiled.)
+CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
+BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+cache_counts: collections.Counter = collections.Counter()  # 'programs', 'hits'
 _OWN_PATHS = (
   os.path.dirname(os.path.abspath(__file__)),  # ats_jax
   os.sep + 'clu' + os.sep,  # metrics, steps/s and ETA
@@ -29,12 +30,16 @@ _OWN_PATHS = (
 
 def quiet_native_logs(verbose: bool) -> None:
   """TensorFlow's C++ start-up lines (oneDNN notices, absl::InitializeLog warnings) off unless
-  `verbose`: TensorFlow is imported with the process's stderr closed, and its INFO lines are off.
+  `verbose`: TensorFlow is imported (`import_tensorflow`) with the process's stderr closed, and its
+  INFO lines are off.
 
   Python errors still show (they are raised after stderr is back). An explicit
   TF_CPP_MIN_LOG_LEVEL wins.
   """
-  if verbose or 'tensorflow' in sys.modules:
+  if 'tensorflow' in sys.modules:
+    return
+  if verbose:
+    import_tensorflow()
     return
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   sys.stderr.flush()
@@ -42,11 +47,31 @@ def quiet_native_logs(verbose: bool) -> None:
   devnull = os.open(os.devnull, os.O_WRONLY)
   try:
     os.dup2(devnull, 2)
-    import tensorflow  # noqa: F401  (its oneDNN notice ignores TF_CPP_MIN_LOG_LEVEL)
+    import_tensorflow()  # its oneDNN notice ignores TF_CPP_MIN_LOG_LEVEL
   finally:
     os.dup2(saved, 2)
     os.close(saved)
     os.close(devnull)
+
+
+def import_tensorflow() -> None:
+  """Imports TensorFlow without the Keras it loads eagerly: Keras, and through it scikit-learn's and
+  SciPy's statistics, cost about 3 s of every start, and this project uses only tf.data and
+  tf.image. `tf.keras` still loads on first use.
+
+  TensorFlow's `__init__` imports `keras.src.optimizers` inside `except ImportError`; a None entry
+  in `sys.modules` makes that import fail at once, and is removed right after.
+  """
+  if 'tensorflow' in sys.modules:
+    return
+  block = 'keras' not in sys.modules
+  if block:
+    sys.modules['keras'] = None
+  try:
+    import tensorflow  # noqa: F401
+  finally:
+    if block:
+      del sys.modules['keras']
 
 
 class _OwnInfoOnly(std_logging.Filter):
@@ -81,7 +106,7 @@ def default_cache_dir() -> str:
   return os.path.join(base, 'ats_jax', 'xla')
 
 
-def enable_compile_cache(directory: str, min_compile_secs: float = 1.0) -> str | None:
+def enable_compile_cache(directory: str, min_compile_secs: float = 0.0) -> str | None:
   """JAX's persistent compilation cache in `directory` ('auto': `default_cache_dir()`; '': off):
   a second run of the same program loads its executables instead of compiling them. Programs
   that compile faster than `min_compile_secs` are not stored. Returns the directory used."""
@@ -91,26 +116,37 @@ def enable_compile_cache(directory: str, min_compile_secs: float = 1.0) -> str |
   jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', float(min_compile_secs))
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  if not cache_counts:
-    jax.monitoring.register_event_listener(_count_cache_event)
-    cache_counts.update(hits=0, misses=0)
+  if not _counting:
+    jax.monitoring.register_event_listener(_count_hit)
+    jax.monitoring.register_event_duration_secs_listener(_count_program)
+    _counting.append(True)
   return directory
 
 
-def _count_cache_event(event: str, **kwargs) -> None:
+_counting: list[bool] = []
+
+
+def _count_hit(event: str, **kwargs) -> None:
   del kwargs
-  if event in CACHE_EVENTS:
-    cache_counts[CACHE_EVENTS[event]] += 1
+  if event == CACHE_HIT_EVENT:
+    cache_counts['hits'] += 1
+
+
+def _count_program(event: str, duration: float, **kwargs) -> None:
+  del duration, kwargs
+  if event == BACKEND_COMPILE_EVENT:
+    cache_counts['programs'] += 1
 
 
 def log_cache_use(directory: str | None) -> None:
   """One line: how many programs came from the persistent cache and how many were compiled."""
   if directory:
+    hits = cache_counts['hits']
     logging.info(
       'Compilation cache %s: %d programs loaded, %d compiled',
       directory,
-      cache_counts['hits'],
-      cache_counts['misses'],
+      hits,
+      cache_counts['programs'] - hits,
     )
 
 

@@ -22,11 +22,20 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 from etils import epath
 from flax import nnx
 
-from ats_jax import checkpointing, device_images, input_pipeline, mixup, optim, runtime, sharding
+from ats_jax import (
+  checkpointing,
+  device_images,
+  enable,
+  input_pipeline,
+  mixup,
+  optim,
+  runtime,
+  sharding,
+)
 from ats_jax.models import create_model, pretrained, vit
 from ats_jax.models.factory import load_params
 from ats_jax.models.timm_convert import CheckpointError
@@ -65,6 +74,12 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, **overrides
   """The configured model (random init), with the data's class count; `overrides` win."""
   kwargs = model_options(config) | dict(num_classes=num_classes)
   return create_model(config.model, seed=config.seed, **kwargs | overrides)
+
+
+def abstract_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
+  """`build_model` with shape-only parameters: nothing initialised or compiled, for weights that
+  are restored or loaded anyway (a second start then compiles nothing)."""
+  return nnx.eval_shape(lambda: build_model(config, num_classes))
 
 
 def init_from(model: nnx.Module, path: str, name: str) -> None:
@@ -242,9 +257,10 @@ def with_shardings(tree, mesh: jax.sharding.Mesh, fsdp: bool):
   )
 
 
-def dense_graphdef(config: ml_collections.ConfigDict, num_classes: int) -> nnx.GraphDef:
-  """The same architecture without ATS: the reference the ATS model is compared with."""
-  return nnx.split(nnx.eval_shape(lambda: build_model(config, num_classes, ats_blocks=())))[0]
+def dense_graphdef(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
+  """The same architecture without ATS (ATS adds no parameters): the reference the ATS model is
+  compared with. Derived from `graphdef`, so no model is built or initialised again."""
+  return nnx.split(enable.disable_ats(nnx.merge(graphdef, params)))[0]
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
@@ -280,6 +296,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = jax.device_put(state, shardings)
   start = int(state.step)
+  # Imported here: clu's TensorBoard writer loads Keras, 3 s that evaluation need not wait for.
+  from clu import metric_writers, periodic_actions
+
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
     log_parameters(params, workdir)
@@ -357,7 +376,7 @@ def evaluate_all(
   ats_blocks = tuple(config.ats_blocks)
   runs = {'ats' if ats_blocks else 'dense': (graphdef, ats_blocks)}
   if ats_blocks:
-    runs['dense'] = (dense_graphdef(config, info.num_classes), ())
+    runs['dense'] = (dense_graphdef(graphdef, params), ())
   return {
     name: evaluate(config, g, params, mesh, image_size, blocks, info.num_eval_examples)
     for name, (g, blocks) in runs.items()
@@ -376,7 +395,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None) 
       config.data.checkpoint_data = loaded.data.to_json()
       if config.model_overrides.get('layer_norm_eps') is None:
         config.model_overrides.layer_norm_eps = loaded.layer_norm_eps
-  model = build_model(config, info.num_classes)
+  model = abstract_model(config, info.num_classes)
   graphdef, params = nnx.split(model)
   if config.checkpoint:
     load_params(model, dict(loaded.params), f'{config.model} (from {config.checkpoint})')

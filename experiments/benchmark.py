@@ -32,11 +32,17 @@ from absl import app, flags
 from flax import nnx
 
 from ats_jax import flops
-from ats_jax.models import create_model, pretrained
+from ats_jax.models import create_model, vit
 from ats_jax.models.factory import load_params
+from ats_jax.models.timm_convert import timm_to_flax
 from experiments import photos
 
-ATS_BLOCKS = tuple(range(3, 12))  # the original's DeiT-S setting
+
+def ats_blocks(depth: int) -> tuple[int, ...]:
+  """ATS from a quarter of the depth on: blocks 3-11 at depth 12, the original's DeiT-S setting."""
+  return tuple(range(depth // 4, depth))
+
+
 _MODELS = flags.DEFINE_list('models', ['deit_small_patch16_224'], 'Registered variants.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '8', '32', '128'], 'Batch sizes.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed rounds; each row reports its best.')
@@ -63,10 +69,11 @@ class Row:
   efficiency: float = 0.0  # speedup / ideal
 
 
-def random_timm(name: str, peak: float) -> torch.nn.Module:
-  """timm's model with random weights (perturbed like the tests), q and k scaled by `peak`."""
+def random_timm(name: str, peak: float, depth: int | None = None) -> torch.nn.Module:
+  """timm's model with random weights (perturbed like the tests), q and k scaled by `peak`;
+  `depth` blocks instead of the variant's (a shallow twin for quick checks)."""
   torch.manual_seed(0)
-  model = timm.create_model(name, pretrained=False).eval()
+  model = timm.create_model(name, pretrained=False, **{'depth': depth} if depth else {}).eval()
   with torch.no_grad():
     for param in model.parameters():
       param.add_(torch.randn_like(param) * 0.02)
@@ -78,10 +85,12 @@ def random_timm(name: str, peak: float) -> torch.nn.Module:
 
 
 def flax_twin(reference: torch.nn.Module, name: str, **overrides) -> nnx.Module:
-  """Our model with `reference`'s weights, converted as `python -m convert` does."""
+  """Our model with `reference`'s weights (and depth), converted by the key table `python -m
+  convert` uses."""
   state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
-  model = create_model(name, **overrides)
-  load_params(model, dict(pretrained.convert_state_dict(state_dict, name).params), name)
+  model = create_model(name, **dict(depth=len(reference.blocks)) | overrides)
+  expected = {k: v.shape for k, v in vit.param_dict(model).items()}
+  load_params(model, timm_to_flax(state_dict, expected, name), name)
   model.eval()
   return model
 
@@ -115,20 +124,19 @@ def make_images(batch: int, kind: str) -> np.ndarray:
   return photos.photos(batch)
 
 
-def bench_model(name: str, batch: int, repeats: int, peak: float, dtype: str) -> list[Row]:
+def bench_model(
+  name: str, batch: int, repeats: int, peak: float, dtype: str, depth: int | None = None
+) -> list[Row]:
   """Compiles every row, then times them in alternation; each row keeps its best round."""
-  reference = random_timm(name, peak)
+  reference = random_timm(name, peak, depth)
+  blocks = ats_blocks(len(reference.blocks))
   images = make_images(batch, _IMAGES.value)
   x = jnp.asarray(images)
   options = dict(dtype=jnp.dtype(dtype))
   models = {
     'jax dense': flax_twin(reference, name, **options),
-    'jax ATS packed': flax_twin(
-      reference, name, ats_blocks=ATS_BLOCKS, execution='packed', **options
-    ),
-    'jax ATS padded': flax_twin(
-      reference, name, ats_blocks=ATS_BLOCKS, execution='padded', **options
-    ),
+    'jax ATS packed': flax_twin(reference, name, ats_blocks=blocks, execution='packed', **options),
+    'jax ATS padded': flax_twin(reference, name, ats_blocks=blocks, execution='padded', **options),
   }
   runners, rows = {}, {}
   dense = models['jax dense']

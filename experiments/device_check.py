@@ -28,13 +28,16 @@ from flax import nnx
 from experiments import benchmark, photos
 
 _OUT = flags.DEFINE_string('out', None, 'Folder for benchmark_<device>.md; None: print only.')
-_SMALL = flags.DEFINE_bool('small', False, 'DeiT-Ti, batch 2, 1 round: a check of the check.')
+_SMALL = flags.DEFINE_bool(
+  'small', False, 'DeiT-Ti cut to 4 blocks (ATS in 1-3), batch 2, 1 round: a check of the check.'
+)
 _TRAIN_STEPS = flags.DEFINE_integer('train_steps', 5, 'Timed ATS training steps per execution.')
 
 
-def parity(name: str, images: np.ndarray, peak: float) -> list[str]:
+def parity(name: str, images: np.ndarray, peak: float, depth: int | None = None) -> list[str]:
   """Dense against timm, packed against padded, bf16 against f32: one line each."""
-  reference = benchmark.random_timm(name, peak)
+  reference = benchmark.random_timm(name, peak, depth)
+  blocks = benchmark.ats_blocks(len(reference.blocks))
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   with torch.no_grad():
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
@@ -44,9 +47,9 @@ def parity(name: str, images: np.ndarray, peak: float) -> list[str]:
   results = {}
   for key, options in {
     'dense': {},
-    'packed': dict(ats_blocks=benchmark.ATS_BLOCKS, execution='packed'),
-    'padded': dict(ats_blocks=benchmark.ATS_BLOCKS, execution='padded'),
-    'bf16': dict(ats_blocks=benchmark.ATS_BLOCKS, execution='packed', dtype=jnp.bfloat16),
+    'packed': dict(ats_blocks=blocks, execution='packed'),
+    'padded': dict(ats_blocks=blocks, execution='padded'),
+    'bf16': dict(ats_blocks=blocks, execution='packed', dtype=jnp.bfloat16),
   }.items():
     model = benchmark.flax_twin(reference, name, **options)
     with jax.default_matmul_precision('highest' if key != 'bf16' else 'default'):
@@ -65,14 +68,17 @@ def parity(name: str, images: np.ndarray, peak: float) -> list[str]:
   ]
 
 
-def train_steps(name: str, batch: int, steps: int, dtype: str) -> list[str]:
+def train_steps(
+  name: str, batch: int, steps: int, dtype: str, depth: int | None = None
+) -> list[str]:
   """Seconds per ATS training step (grad of the loss + AdamW) in each execution."""
   images = jnp.asarray(photos.photos(batch))
   labels = jnp.arange(batch) % 1000
   lines = []
   for execution in ('packed', 'padded'):
+    reference = benchmark.random_timm(name, 4.0, depth)
     model = benchmark.flax_twin(
-      benchmark.random_timm(name, 4.0), name, ats_blocks=benchmark.ATS_BLOCKS,
+      reference, name, ats_blocks=benchmark.ats_blocks(len(reference.blocks)),
       execution=execution, dtype=jnp.dtype(dtype), drop_path_rate=0.1,
     )  # fmt: skip
     graphdef, params = nnx.split(model)
@@ -111,17 +117,21 @@ def main(argv: list[str]) -> None:
   del argv
   small = _SMALL.value
   name = 'deit_tiny_patch16_224' if small else 'deit_small_patch16_224'
+  depth = 4 if small else None  # the variant's 12
   peak = 4.0
   batches, repeats = ((2,), 1) if small else ((1, 64, 256), 5)
   dtype = 'float32' if small else 'bfloat16'
   flags.FLAGS.images, flags.FLAGS.peak, flags.FLAGS.dtype = 'photos', peak, dtype
   lines = [benchmark.describe_machine(), '']
-  lines += parity(name, photos.photos(4 if small else 32), peak)
+  if depth:
+    lines += [f'{name} cut to its first {depth} blocks (--small)']
+  lines += parity(name, photos.photos(4 if small else 32), peak, depth)
   rows = []
   for batch in batches:
-    rows += benchmark.bench_model(name, batch, repeats, peak, dtype)
+    rows += benchmark.bench_model(name, batch, repeats, peak, dtype, depth)
   lines += ['', benchmark.table(rows), '']
-  lines += train_steps(name, 4 if small else 128, 2 if small else _TRAIN_STEPS.value, dtype)
+  steps = 2 if small else _TRAIN_STEPS.value
+  lines += train_steps(name, 4 if small else 128, steps, dtype, depth)
   report = '\n'.join(lines)
   print(report)
   if _OUT.value:

@@ -11,6 +11,9 @@ from experiments.photos import photos
 from experiments.token_stats import sharpen_attention
 
 NAME, ATS_BLOCKS, IMAGES = 'deit_small_patch16_224', tuple(range(3, 12)), 48
+# Padded execution, as bfloat16 runs on GPUs ('auto'); packed keeps padded's tokens and logits
+# (tests/test_packing.py) and compiles several times longer on this CPU.
+EXECUTION = 'padded'
 
 
 @nnx.jit
@@ -28,14 +31,19 @@ def test_bfloat16_deit_s_keeps_float32_tokens_and_top1_on_real_photos():
   (a random head's top-2 margins are below any rounding). Logits, scores and the residual stream
   stay float32; the layers compute in bfloat16."""
   images = jnp.asarray(photos(IMAGES))
-  f32 = create_model(NAME, ats_blocks=ATS_BLOCKS, num_classes=IMAGES)
+  f32 = create_model(NAME, ats_blocks=ATS_BLOCKS, num_classes=IMAGES, execution=EXECUTION)
   sharpen_attention(f32, 4.0)
   prototypes = np.array(features(f32, images))
   prototypes /= np.linalg.norm(prototypes, axis=-1, keepdims=True)
   f32.head.kernel[...] = jnp.asarray(10 * prototypes.T)
   f32.head.bias[...] = jnp.zeros(IMAGES)
-  bf16 = create_model(NAME, ats_blocks=ATS_BLOCKS, num_classes=IMAGES, dtype=jnp.bfloat16)
+  bf16 = nnx.eval_shape(  # shape-only: every parameter comes from f32
+    lambda: create_model(
+      NAME, ats_blocks=ATS_BLOCKS, num_classes=IMAGES, execution=EXECUTION, dtype=jnp.bfloat16
+    )
+  )
   nnx.update(bf16, nnx.state(f32, nnx.Param))
+  assert bf16.dtype == jnp.bfloat16 and f32.execution == bf16.execution == 'padded'
   forward = nnx.jit(lambda m, x: m(x, return_stats=True))
   (a, sa), (b, sb) = forward(f32, images), forward(bf16, images)
   assert b.dtype == jnp.float32

@@ -5,9 +5,11 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 import convert.__main__ as convert_cli
@@ -49,22 +51,17 @@ def test_describe_runs_a_converted_model_and_predicts_as_timm(tmp_path, capsys):
   assert printed == timm_logits(reference, images).argmax(-1).tolist()
 
 
-def test_bad_config_values_are_one_line_errors(tmp_path):
-  describe, digits = ('--config=configs/deit_t.py', '--config.mode=describe'), (
-    '--config=configs/digits_ats.py', f'--workdir={tmp_path / "run"}')  # fmt: skip
+def test_bad_flags_are_one_line_errors_of_the_process(tmp_path):
+  """Errors of the command line itself: the process ends with status 1 and one `error:` line."""
   cases = {
     ('--config=configs/deit_t.py', '--config.nope=1'): 'names no config field',
     ('--config=configs/deit_t.py', '--config.batch_size=abc'): 'batch_size',
     ('--config=configs/missing.py',): 'No such file',
-    (*describe, '--config.model=deit_huge'): "unknown model 'deit_huge'",
     ('--config=configs/deit_t.py', '--config.mode=fit'): "config.mode='fit' is not one of",
-    (*describe, f'--config.checkpoint={tmp_path}'): 'not a converted checkpoint',
     ('--config=configs/digits_ats.py',): 'training needs --workdir',
-    (*digits, '--config.data.name=no_such_set'): "unknown dataset 'no_such_set'",
-    (*digits, '--config.data.name=folder', f'--config.data.data_dir={tmp_path / "nope"}'): 'nope',
-    (*digits, '--config.data.name=cifar10', f'--config.data.data_dir={tmp_path}'): 'not prepared',
-    (*digits, '--config.ats_blocks=(2, 9)'): 'ats_blocks [2, 9] must be distinct block indices',
-    (*digits, '--config.mode=evaluate'): 'nothing to evaluate',
+    ('--config=configs/digits_ats.py', f'--workdir={tmp_path / "run"}', '--config.mode=evaluate'): (
+      'nothing to evaluate'
+    ),  # one that gets past start-up to the library, as the in-process cases below
   }
   for args, message in cases.items():
     proc = run_main(*args)
@@ -72,3 +69,52 @@ def test_bad_config_values_are_one_line_errors(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith('error: ') and message in last, (args, proc.stderr)
     assert 'Traceback' not in proc.stderr, args
+
+
+def test_bad_config_values_are_one_line_errors(tmp_path, monkeypatch, request):
+  """Errors the library raises, through `main.main` in this process (no start-up per case):
+  each ends the run with a one-line `error:` message (SystemExit, which Python prints as the last
+  line with status 1, as the case above shows for a whole process)."""
+  from absl import flags
+  from absl import logging as absl_logging
+
+  import main
+  from ats_jax import runtime
+  from configs import deit_t, digits_ats
+
+  monkeypatch.setattr(runtime, 'enable_compile_cache', lambda *args: None)  # not in this process
+  monkeypatch.setattr(absl_logging.get_absl_handler(), 'filters', [])  # main adds one: undone
+  parsed = flags.FLAGS.is_parsed()
+  if not parsed:
+    flags.FLAGS.mark_as_parsed()  # main reads --verbosity (its default here)
+    request.addfinalizer(flags.FLAGS.unparse_flags)
+
+  def describe(**changes):
+    return dict(config=deit_t.get_config(), workdir=None, mode='describe', **changes)
+
+  def digits(**changes):
+    return dict(config=digits_ats.get_config(), workdir=str(tmp_path / 'run'), **changes)
+
+  cases = [
+    (describe(model='deit_huge'), "unknown model 'deit_huge'"),
+    (describe(checkpoint=str(tmp_path)), 'not a converted checkpoint'),
+    (digits(**{'data.name': 'no_such_set'}), "unknown dataset 'no_such_set'"),
+    (digits(**{'data.name': 'folder', 'data.data_dir': str(tmp_path / 'nope')}), 'nope'),
+    (digits(**{'data.name': 'cifar10', 'data.data_dir': str(tmp_path)}), 'not prepared'),
+    (digits(ats_blocks=(2, 9)), 'ats_blocks [2, 9] must be distinct block indices'),
+    (digits(mode='evaluate'), 'nothing to evaluate'),
+  ]
+  for case, message in cases:
+    config, workdir = case.pop('config'), case.pop('workdir')
+    for key, value in case.items():
+      *parents, field = key.split('.')
+      node = config
+      for parent in parents:
+        node = node[parent]
+      node[field] = value
+    monkeypatch.setattr(main, '_CONFIG', types.SimpleNamespace(value=config))  # as parsed
+    monkeypatch.setattr(main, '_WORKDIR', types.SimpleNamespace(value=workdir))
+    with pytest.raises(SystemExit) as exit_:
+      main.main([])
+    error = str(exit_.value.code)
+    assert error.startswith('error: ') and message in error and '\n' not in error, (case, error)

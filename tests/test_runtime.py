@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -75,11 +76,33 @@ def test_periodic_evaluation_compiles_its_step_once():
   assert results[0]['examples'] == results[1]['examples'] == 360
 
 
-def run_main(workdir, *overrides: str) -> subprocess.CompletedProcess:
-  """main.py on the tiny digits config, stderr a pipe (not a terminal), as in a log file."""
-  args = [f'--config.{k}' for k in TINY_FLAGS] + ['--config.eval_batch_size=120']
+# main.py with JAX's own compile counters: one backend-compile event per program that reaches
+# XLA (compiled or loaded from the persistent cache), one cache-hit event per program loaded.
+COUNTING_MAIN = """
+import atexit, json, runpy, sys
+import jax
+counts = {'programs': 0, 'hits': 0}
+def program(event, duration, **kwargs):
+  counts['programs'] += event == '/jax/core/compile/backend_compile_duration'
+def hit(event, **kwargs):
+  counts['hits'] += event == '/jax/compilation_cache/cache_hits'
+jax.monitoring.register_event_duration_secs_listener(program)
+jax.monitoring.register_event_listener(hit)
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, 'w').write(json.dumps(counts)))
+runpy.run_path('main.py', run_name='__main__')
+"""
+# One pack size and one attention size: the programs compile fast; what is cached is the same.
+QUICK_FLAGS = ('--config.pack_chunks=1', '--config.attention_sizes=1')
+
+
+def run_main(workdir, *overrides: str, counts=None) -> subprocess.CompletedProcess:
+  """main.py on the tiny digits config, stderr a pipe (not a terminal), as in a log file; with
+  `counts` (a path) JAX's compile counters are written there as JSON."""
+  args = [f'--config.{k}' for k in TINY_FLAGS] + ['--config.eval_batch_size=120', *QUICK_FLAGS]
+  command = ['-c', COUNTING_MAIN, str(counts)] if counts else ['main.py']
   return subprocess.run(
-    [sys.executable, 'main.py', '--config=configs/digits_ats.py', f'--workdir={workdir}', *args]
+    [sys.executable, *command, '--config=configs/digits_ats.py', f'--workdir={workdir}', *args]
     + list(overrides),
     capture_output=True,
     text=True,
@@ -95,7 +118,7 @@ def cache_use(stderr: str) -> tuple[int, int]:
   return int(found[0][0]), int(found[0][1])
 
 
-def test_quiet_logs_then_a_second_evaluation_loads_every_program_from_the_cache(tmp_path):
+def test_quiet_logs_then_a_second_evaluation_compiles_nothing(tmp_path):
   # Training, quietly: one line per checkpoint, no orbax/TensorFlow chatter, no redrawn bar.
   trained = run_main(
     tmp_path / 'run',
@@ -114,20 +137,23 @@ def test_quiet_logs_then_a_second_evaluation_loads_every_program_from_the_cache(
   assert '| ats |' in trained.stdout and '| dense |' in trained.stdout
   assert 'Parameters: ' in trained.stderr and (tmp_path / 'run' / 'parameters.txt').exists()
 
-  # Evaluate twice, identically: the second run compiles nothing.
+  # Evaluate twice, identically (the default compile_cache_min_secs): JAX's counters show that the
+  # second run compiles nothing, every program it runs comes from the persistent cache.
   cache = ('--config.mode=evaluate', f'--config.compile_cache_dir={tmp_path / "cache"}')
-  cache += ('--config.compile_cache_min_secs=0',)
-  first, second = (run_main(tmp_path / 'run', *cache) for _ in range(2))
-  loaded, compiled = cache_use(first.stderr)
-  assert loaded == 0 and compiled > 0
-  assert cache_use(second.stderr) == (compiled, 0)
+  counted = [tmp_path / 'first.json', tmp_path / 'second.json']
+  first, second = (run_main(tmp_path / 'run', *cache, counts=path) for path in counted)
+  first_counts, second_counts = (json.loads(path.read_text()) for path in counted)
+  programs = first_counts['programs']
+  assert programs >= 2 and first_counts['hits'] == 0  # the ATS and the dense evaluation steps
+  assert second_counts == {'programs': programs, 'hits': programs}
+  assert cache_use(first.stderr) == (0, programs) and cache_use(second.stderr) == (programs, 0)
   rows = [run.stdout.splitlines()[2].split('|')[1:5] for run in (first, second)]
   assert rows[0] == rows[1]  # model, top-1, top-5, GFLOPs
 
   # --verbosity=1 shows orbax's lines again.
   verbose = run_main(tmp_path / 'run', *cache, '--verbosity=1')
   assert 'checkpoint_manager.py' in verbose.stderr
-  assert cache_use(verbose.stderr)[1] == 0
+  assert cache_use(verbose.stderr) == (programs, 0)
 
 
 def test_auto_cache_dir_paths_and_the_progress_bar(monkeypatch, tmp_path, capsys):
