@@ -92,7 +92,7 @@ out = sys.argv.pop(1)
 atexit.register(lambda: open(out, 'w').write(json.dumps(counts)))
 runpy.run_path('main.py', run_name='__main__')
 """
-# One pack size and one attention size: the programs compile fast; what is cached is the same.
+# One chunk and one attention size: the programs compile fast; what is cached is the same.
 QUICK_FLAGS = ('--config.pack_chunks=1', '--config.attention_sizes=1')
 
 
