@@ -13,6 +13,7 @@ could buy); efficiency = speed-up / ideal.
   python -m experiments.benchmark --peak=4             # sharper attention: fewer tokens kept
   python -m experiments.benchmark --batch_sizes=1,8,32,128 --json=/tmp/bench.json
   python -m experiments.benchmark --images=noise       # Gaussian noise instead of photos
+  python -m experiments.benchmark --batch_sizes=1 --ceiling  # also the bound: static shapes
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ats_jax import flops
 from ats_jax.models import create_model, vit
 from ats_jax.models.factory import load_params
 from ats_jax.models.timm_convert import timm_to_flax
+from ats_jax.ops import attention as attention_ops
 from experiments import photos
 
 
@@ -52,6 +54,12 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computa
 _TIMM = flags.DEFINE_bool('timm', True, "Also time timm's dense model on the same weights.")
 _QUICK = flags.DEFINE_bool('quick', False, 'DeiT-S at batch 1 and 32, 3 rounds.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the rows here.')
+_CEILING = flags.DEFINE_bool(
+  'ceiling',
+  False,
+  'At batch 1, also time the bound: dense blocks on exactly the token counts ATS '
+  'kept, shapes fixed in advance, no sampling.',
+)
 
 
 @dataclasses.dataclass
@@ -103,6 +111,25 @@ def jax_runner(model: nnx.Module, images: jax.Array) -> tuple[Callable[[], objec
   return lambda: jax.block_until_ready(forward(state, images)), jax.device_get(stats)
 
 
+def static_ceiling(model: nnx.Module, kept: np.ndarray, images: jax.Array) -> Callable[[], object]:
+  """One image through `model`'s blocks on exactly `kept` [depth] tokens each (its first ones:
+  the same shapes, no sampling, no mask): what any execution of that image's ATS can reach."""
+  graphdef, state = nnx.split(model)
+
+  def forward(state, x):
+    m = nnx.merge(graphdef, state)
+    h = m.embed(x)  # [1, N, C]
+    for block, n in zip(m.blocks, kept.tolist(), strict=True):
+      (qkv,) = vit._qkv((block.norm1, block.attn.qkv), h)
+      q, k, v = block.attn.heads(qkv)
+      out = attention_ops.attend(attention_ops.attention_weights(q[:, :, :n], k), v)
+      (h,) = vit._residuals((block.attn.proj, block.norm2, block.mlp), out, h[:, :n])
+    return m.head_logits(h)
+
+  forward = jax.jit(forward)
+  return lambda: jax.block_until_ready(forward(state, images))
+
+
 def torch_runner(model: torch.nn.Module, images: np.ndarray, dtype: str) -> Callable[[], object]:
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   model = model.to(device)
@@ -146,6 +173,10 @@ def bench_model(
     kept, gflops = float(np.mean(stats['kept_tokens'])), float(np.mean(stats['gflops']))
     rows[impl] = Row(name, batch, impl, 0.0, time.perf_counter() - start, kept, gflops)
     runners[impl] = run
+    if impl == 'jax ATS packed' and _CEILING.value and batch == 1:
+      bound = 'jax static ceiling'
+      runners[bound] = static_ceiling(dense, np.asarray(stats['kept_tokens'])[0], x)
+      rows[bound] = Row(name, batch, bound, 0.0, 0.0, kept, gflops)
   if _TIMM.value:
     runners['timm dense'] = torch_runner(reference, images, dtype)
     rows['timm dense'] = Row(name, batch, 'timm dense', 0.0, 0.0, rows['jax dense'].kept_tokens,

@@ -47,21 +47,23 @@ def test_benchmark_rows_and_their_numbers_agree(tmp_path):
   proc = run_module(
     'experiments.benchmark',
     f'--models={name}',
-    '--batch_sizes=2',
+    '--batch_sizes=1',
     '--repeats=1',
     '--peak=4',
+    '--ceiling',
     f'--json={tmp_path / "b.json"}',
     JAX_DISABLE_MOST_OPTIMIZATIONS='true',
   )  # timings are not asserted: compile fast
   rows = json.loads((tmp_path / 'b.json').read_text())['rows']
-  impls = ['jax dense', 'jax ATS packed', 'jax ATS padded', 'timm dense']
-  assert [(r['batch'], r['impl']) for r in rows] == [(2, i) for i in impls]
+  impls = ['jax dense', 'jax ATS packed', 'jax static ceiling', 'jax ATS padded', 'timm dense']
+  assert [(r['batch'], r['impl']) for r in rows] == [(1, i) for i in impls]
   by = {r['impl']: r for r in rows}
   assert by['jax dense']['gflops'] == pytest.approx(flops.dense_gflops(get_spec(name)))
   assert by['jax dense']['kept_tokens'] == 197
   padded, packed = by['jax ATS padded'], by['jax ATS packed']
   assert packed['kept_tokens'] == padded['kept_tokens'] < 197  # same tokens, either way
   assert packed['gflops'] == pytest.approx(padded['gflops'])
+  assert by['jax static ceiling']['gflops'] == packed['gflops']  # the same token counts
   for r in rows:
     assert r['images_per_sec'] > 0 and r['ideal'] == pytest.approx(
       by['jax dense']['gflops'] / r['gflops']

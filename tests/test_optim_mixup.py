@@ -113,7 +113,11 @@ def test_train_step_mixes_within_each_process(monkeypatch):
   schedule = optax.constant_schedule(1e-3)
   tx = optim.create_optimizer(config, schedule)
   state = train.create_train_state(params, tx, ema=False)
-  batch = {'image': jnp.zeros((4, 8, 8, 3)), 'label': jnp.zeros((4,), jnp.int32)}
+  batch = {  # the input pipeline's train batch: uint8 images, random erasing's boxes (none here)
+    'image': jnp.zeros((4, 8, 8, 3), jnp.uint8),
+    'label': jnp.zeros((4,), jnp.int32),
+    'erase': jnp.zeros((4, 4), jnp.int32),
+  }
   groups = []
   real_mix = mixup.mix
   monkeypatch.setattr(
