@@ -38,6 +38,8 @@ from jax.sharding import PartitionSpec as P
 from ats_jax.sharding import DATA_AXIS
 
 MIN_CHUNK = 16  # rows: smaller chunks cost more in loop steps than rounding up wastes
+BACKWARD_CHUNK = 4  # forward chunks per backward chunk: each backward step computes the weight
+# gradients of its rows (outer products, then a sum); small chunks would pay them many times
 MIN_FRACTION = 0.125  # attention's smallest size: an eighth of the slots,
 MIN_SLOTS = 8  # but never fewer than ATS keeps at least (`ats.MIN_TOKENS`)
 ATTENTION_GROUP = 8  # images sized together for attention (`_grouped`)
@@ -152,9 +154,11 @@ def _stream_map_fwd(fn, rows, params, flats, source, dest, total):
 
 
 def _stream_map_bwd(fn, rows, residuals, cts):
-  """The same loop backwards: each chunk's forward is recomputed for its VJP, so the residuals are
-  the inputs alone (no activation is kept, as under `jax.checkpoint`)."""
+  """The same loop backwards, `BACKWARD_CHUNK` forward chunks a step: each step's forward is
+  recomputed for its VJP, so the residuals are the inputs alone (no activation is kept, as under
+  `jax.checkpoint`)."""
   params, flats, source, dest, total = residuals
+  rows *= BACKWARD_CHUNK
 
   def body(i, carry):
     dparams, dflats = carry
@@ -177,7 +181,8 @@ def _packed(fn: Callable, params, xs: tuple[jax.Array, ...], mask: jax.Array, nu
   """`fn(params, *tokens)` on the real tokens of xs [B, N, ...], packed, chunk by chunk."""
   b, n = mask.shape
   rows = chunk_rows(b * n, num_chunks)
-  source, dest, total = stream_indices(mask, -(-b * n // rows) * rows)
+  step = rows * BACKWARD_CHUNK  # the stream: a whole number of chunks, forward and backward
+  source, dest, total = stream_indices(mask, -(-b * n // step) * step)
   flats = tuple(x.reshape(b * n, *x.shape[2:]) for x in xs)
   ys = _stream_map(fn, rows, params, flats, source, dest, total)
   return tuple(y.reshape(b, n, *y.shape[1:]) for y in ys)
