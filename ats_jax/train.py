@@ -212,10 +212,7 @@ def evaluate(
 
 @functools.cache
 def eval_step_fn(
-  graphdef: nnx.GraphDef,
-  mesh: jax.sharding.Mesh,
-  mean: tuple[float, ...] = device_images.IMAGENET_MEAN,
-  std: tuple[float, ...] = device_images.IMAGENET_STD,
+  graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, mean: tuple[float, ...], std: tuple[float, ...]
 ):
   """The jitted `eval_step`, built once per (architecture, mesh, normalisation): periodic
   evaluation reuses its compiled program instead of compiling it again."""

@@ -23,8 +23,8 @@ EXECUTIONS = ('auto', 'packed', 'padded')  # how blocks after the first ATS bloc
 
 
 def resolve_execution(execution: str) -> str:
-  """'auto': packed, except on GPUs, where each of its conditionals syncs with the host and padded
-  execution measured faster (H100, bf16, batch 256: README, Results)."""
+  """'auto': packed, except on GPUs, where each of its conditionals and loop steps syncs with the
+  host and padded execution measured faster (H100, bf16, batch 256: README, Results)."""
   if execution not in EXECUTIONS:
     raise ValueError(f'execution must be one of {EXECUTIONS}, got {execution!r}')
   if execution == 'auto':
@@ -160,12 +160,12 @@ class Block(nnx.Module):
     `drop` [B, 2]: the per-image scales of the attention and MLP residuals (stochastic depth),
     None at eval. `return_rows` also returns the input slot of each output slot [B, K].
     """
+    # qkv is zero at padded tokens (`token_map`), as the spec's ATS blocks zero q, k and v
     (qkv,) = packing.token_map(_qkv, (self.norm1, self.attn.qkv), x, mask=mask,
                                num_chunks=pack_chunks)  # fmt: skip
     rows, kept = None, mask
     if self.sampling is not None:  # scored with the cls row alone, before any other attention
-      q, k, v = (_zero_padded(t, mask) for t in self.attn.heads(qkv))
-      rows, kept = ats.sample(q, k, v, mask, self.sampling)  # [B, K]
+      rows, kept = ats.sample(*self.attn.heads(qkv), mask, self.sampling)  # [B, K]
       x = jnp.take_along_axis(x, rows[:, :, None], axis=1)  # [B, K, C]
     (out,) = packing.slot_map(
       self._attend, (qkv,), mask, () if rows is None else (rows,), kept, num_sizes=attention_sizes
@@ -187,7 +187,7 @@ class Block(nnx.Module):
     """The block's attention, per image: keys (qkv [B, N, 3C]) and their mask [B, N] or None;
     queries: () (every slot asks) or the rows ATS kept [B, K] with their mask -> the attention
     output [B, Q, C] before `proj`."""
-    q, k, v = (_zero_padded(t, key_mask) for t in self.attn.heads(keys[0]))  # [B, H, N, d]
+    q, k, v = self.attn.heads(keys[0])  # [B, H, N, d]
     if self.sampling is not None:  # ATS blocks always take the masked softmax (the spec)
       key_mask = jnp.ones(k.shape[0:1] + k.shape[2:3]) if key_mask is None else key_mask
     if queries:
@@ -196,11 +196,6 @@ class Block(nnx.Module):
     if queries:  # the spec zeroes the rows of slots with no pick
       weights = weights * query_mask[:, None, :, None]
     return (attention_ops.attend(weights, v),)
-
-
-def _zero_padded(t: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """t [B, H, N, d] with padded tokens zeroed: they carry nothing, whatever their slots hold."""
-  return t if mask is None else jnp.where(mask[:, None, :, None] > 0, t, 0)
 
 
 class VisionTransformer(nnx.Module):

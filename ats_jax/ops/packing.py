@@ -55,16 +55,17 @@ def chunk_rows(total: int, num_chunks: int) -> int:
   return min(total, -(-rows // 8) * 8)
 
 
-def ladder(total: int, num_sizes: int, smallest: float = MIN_FRACTION) -> tuple[int, ...]:
-  """Slot counts for attention: `num_sizes` sizes in geometric steps from total * smallest to total.
+def ladder(total: int, num_sizes: int) -> tuple[int, ...]:
+  """Slot counts for attention: `num_sizes` sizes in geometric steps from total * MIN_FRACTION to
+  total.
 
   Geometric steps waste the same share of work at every count (rounding up costs at most the step
-  ratio, (1 / smallest) ** (1 / (num_sizes - 1)), half of it on average). No size is under
+  ratio, (1 / MIN_FRACTION) ** (1 / (num_sizes - 1)), half of it on average). No size is under
   `MIN_SLOTS` (or `total`).
   """
   if num_sizes == 1:
     return (total,)
-  ratio = (1 / smallest) ** (1 / (num_sizes - 1))
+  ratio = (1 / MIN_FRACTION) ** (1 / (num_sizes - 1))
   floor = min(total, MIN_SLOTS)
   return tuple(sorted({max(floor, math.ceil(total / ratio**i)) for i in range(num_sizes)}))
 
@@ -188,6 +189,12 @@ def _packed(fn: Callable, params, xs: tuple[jax.Array, ...], mask: jax.Array, nu
   return tuple(y.reshape(b, n, *y.shape[1:]) for y in ys)
 
 
+def _counted(ops: dict) -> jax.Array:
+  """The mask whose counts size attention: the keys' when masked (they hold at least the queries),
+  else the queries'."""
+  return ops['key_mask'] if 'key_mask' in ops else ops['query_mask']
+
+
 def _compacted(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]:
   """`fn` on the fewest leading slots (from a ladder of `num_sizes` sizes) that hold the batch's
   fullest image: for attention, whose cost is per image.
@@ -198,7 +205,7 @@ def _compacted(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]
   Returns fn's outputs [B, <= size, ...] padded with zeros to Nq.
   """
   masked_keys = 'key_mask' in ops
-  counted = ops['key_mask'] if masked_keys else ops['query_mask']
+  counted = _counted(ops)
   sizes = ladder(counted.shape[1], num_sizes)
   num_queries = ops['query_mask'].shape[1]
 
@@ -226,7 +233,7 @@ def _grouped(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]:
   own fullest image; results go back in the batch's order. Attention is per image, so grouping
   changes no number.
   """
-  counted = ops['key_mask'] if 'key_mask' in ops else ops['query_mask']
+  counted = _counted(ops)
   b = counted.shape[0]
   if b <= ATTENTION_GROUP or b % ATTENTION_GROUP:
     return _compacted(fn, ops, num_sizes)
