@@ -188,6 +188,8 @@ class Block(nnx.Module):
     queries: () (every slot asks) or the rows ATS kept [B, K] with their mask -> the attention
     output [B, Q, C] before `proj`."""
     q, k, v = self.attn.heads(keys[0])  # [B, H, N, d]
+    if self.sampling is None and key_mask is None and not queries:  # plain: no weights needed
+      return (attention_ops.fused_attention(q, k, v),)
     if self.sampling is not None:  # ATS blocks always take the masked softmax (the spec)
       key_mask = jnp.ones(k.shape[0:1] + k.shape[2:3]) if key_mask is None else key_mask
     if queries:

@@ -5,15 +5,19 @@ transposes. Logits are float32 whatever the computation dtype (`preferred_elemen
 tokens by them, and bfloat16's 8-bit mantissa would reorder close scores.
 
 Once a token mask exists (after the first ATS block), every attention uses the masked softmax of the
-reference implementation (`../shared/ATS_SPEC.md`, "Masked attention"), per image.
+reference implementation (`../shared/ATS_SPEC.md`, "Masked attention"), per image. Before it, plain
+blocks need no weights, only their product with v: `fused_attention` hands them to
+`jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs in 16-bit floats, XLA elsewhere).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 SOFTMAX_EPS = 1e-6
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention computes in
 
 
 def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -53,4 +57,29 @@ def masked_softmax(logits: jax.Array, mask: jax.Array, eps: float = SOFTMAX_EPS)
 def attend(weights: jax.Array, v: jax.Array) -> jax.Array:
   """Weighted values: weights [B, H, Q, N], v [B, H, N, d] -> [B, Q, H*d] in v's dtype."""
   out = jnp.einsum('bhqk,bhkd->bqhd', weights.astype(v.dtype), v)
+  return out.reshape(*out.shape[:2], -1)
+
+
+def fused_implementation(dtype: jnp.dtype) -> str | None:
+  """`jax.nn.dot_product_attention`'s backend: 'cudnn' (fused, flash-style) on GPUs in 16-bit
+  floats, None (XLA's softmax(q k^T) v) elsewhere: JAX picks XLA for None, even on GPUs."""
+  return 'cudnn' if jax.default_backend() == 'gpu' and dtype in CUDNN_DTYPES else None
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v, no mask, no weights kept: q, k, v [B, H, N, d] -> [B, N, H*d].
+
+  `jax.nn.dot_product_attention` takes tokens before heads; the transposes to its layout cancel
+  with those XLA would put around its products (measured on CPU: the same time as `attend`).
+  Where cuDNN refuses the shapes or the GPU (its checks run while tracing), XLA computes it.
+  """
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, N, H, d]
+  implementation = fused_implementation(q.dtype)
+  try:
+    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  except (NotImplementedError, RuntimeError, ValueError) as error:
+    if implementation is None:
+      raise
+    logging.warning('cuDNN attention unavailable (%s): XLA computes it', error)
+    out = jax.nn.dot_product_attention(q, k, v)
   return out.reshape(*out.shape[:2], -1)

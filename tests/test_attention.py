@@ -1,0 +1,63 @@
+"""Plain blocks' fused attention against the weights path ATS blocks use, and its backend choice."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ats_jax.ops import attention
+
+
+def _qkv(dtype=jnp.float32, scale: float = 4.0):
+  """q, k, v [B, H, N, d] with peaked attention (q scaled), as trained ViTs have."""
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 3, 197, 64))
+  return (q * scale).astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def _float64_attention(q, k, v) -> np.ndarray:
+  """softmax(q k^T / sqrt(d)) v in float64 NumPy: [B, N, H*d]."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  logits = np.einsum('bhqd,bhkd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  out = np.einsum('bhqk,bhkd->bqhd', weights, v)
+  return out.reshape(*out.shape[:2], -1)
+
+
+def test_fused_attention_equals_the_weights_path_and_float64():
+  q, k, v = _qkv()
+  fused = jax.jit(attention.fused_attention)(q, k, v)
+  weights_path = attention.attend(attention.attention_weights(q, k), v)
+  assert fused.shape == (2, 197, 3 * 64)
+  np.testing.assert_allclose(fused, weights_path, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(fused, _float64_attention(q, k, v), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+  'backend, dtype, expected',
+  [
+    ('gpu', jnp.bfloat16, 'cudnn'),
+    ('gpu', jnp.float16, 'cudnn'),
+    ('gpu', jnp.float32, None),  # cuDNN's fused kernel has no float32
+    ('tpu', jnp.bfloat16, None),
+    ('cpu', jnp.bfloat16, None),
+  ],
+)
+def test_cudnn_only_on_gpus_in_16_bit_floats(monkeypatch, backend, dtype, expected):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert attention.fused_implementation(dtype) == expected
+
+
+def test_where_cudnn_is_refused_xla_computes_the_same(monkeypatch):
+  """On this CPU, asking for cuDNN raises 'cuDNN is not detected', as a GPU cuDNN refuses would."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  q, k, v = _qkv(jnp.bfloat16)
+  with pytest.raises(RuntimeError):
+    jax.nn.dot_product_attention(
+      *(t.transpose(0, 2, 1, 3) for t in (q, k, v)), implementation='cudnn'
+    )
+  fused = attention.fused_attention(q, k, v)
+  assert fused.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+    np.asarray(fused, np.float32), _float64_attention(q, k, v), atol=3e-2, rtol=0
+  )
