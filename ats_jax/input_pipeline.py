@@ -8,8 +8,8 @@ Sources, chosen by `config.data.name`:
   'folder'  the layout the original ATS reads: <data_dir>/<split>/<class>/*.{jpg,jpeg,png}. The
             classes are the sorted sub-folder names of the train split; eval uses the same indices.
   other     a TFDS dataset already prepared in data_dir, with features 'image' and 'label'.
-Image files and TFDS records decode to the pixels PIL gives (preprocessing.decode_image), as
-timm loads them.
+Image files and TFDS records are decoded, resized and augmented by PIL, as timm does
+(`preprocessing`): the same pixels as timm's transforms on the same random draws.
 
 Training is a sequence of epochs. Epoch e on process p is a shuffle of p's examples seeded by
 (seed, p, e); an example's augmentation seed is folded from (seed, p, e) and its position in the
@@ -23,8 +23,6 @@ costs nothing; a TFDS reader is rebuilt per epoch (a short stall while its shuff
 
 Batches leave as uint8 (a quarter of float32's bytes to the device) with, for training, random
 erasing's boxes: normalisation and the erasing noise run in the jitted step (`device_images`).
-Training crops a JPEG before decoding it: only the random-resized-crop box (plus a margin that
-keeps the pixels exactly PIL's) is decoded.
 
 Repeated augmentation (config.aug.repeats = r > 1, DeiT's 3) follows DeiT's RASampler instead:
 epoch e is one shuffle of the whole split seeded by (seed, e), the same on every process; each
@@ -82,10 +80,9 @@ class _Split:
   # (process, process count, shuffle seed or None for the fixed order, repeats) -> this process'
   # (record, label) dataset; repeats > 1 shares one shuffle of the whole split as repeated_share
   records: Callable[[int, int, int | None, int], tf.data.Dataset]
-  decode: Callable[[tf.Tensor], tf.Tensor]  # record -> uint8 [h, w, 3]
   # (process, process count, shuffle seed, repeats, first, stop position) -> the file at fault
   find_bad_file: Callable[[int, int, int | None, int, int, int], str | None] = lambda *_: None
-  # record -> what train_pixels takes: the encoded file (decoded there, only the crop) or pixels
+  # record -> what train_pixels and eval_pixels take: the encoded file (decoded there) or pixels
   load: Callable[[tf.Tensor], tf.Tensor] = lambda record: record
   # (process, process count, repeats, epoch -> shuffle seed, first epoch, examples per epoch) ->
   # every epoch from the first as one endless dataset of (position, key, record, label); None: TFDS,
@@ -167,7 +164,7 @@ def eval_batches(
 
   def prepare(record: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
     image = preprocessing.eval_pixels(
-      split.decode(record), image_size, data.crop_pct, data.interpolation
+      split.load(record), image_size, data.crop_pct, data.interpolation
     )
     return {'image': image, 'label': tf.cast(label, tf.int32), 'mask': tf.constant(True)}
 
@@ -300,7 +297,11 @@ def _checked(
 
 
 def _short(error: tf.errors.OpError) -> str:
-  """TF's message without node names and op tags: the first line a user can act on."""
+  """TF's message without node names and op tags: the first line a user can act on; for an error
+  raised in Python (PIL, inside `tf.numpy_function`), its own message after the traceback."""
+  raised = re.findall(r'^\w[\w.]*(?:Error|Exception): (.+)$', error.message, re.MULTILINE)
+  if raised:
+    return raised[-1].strip()
   message = re.sub(r'\{\{[^}]*\}\}\s*', '', error.message)
   message = re.sub(
     r'Error in user-defined function passed to \S+ transformation with iterator: \S+: ', '', message
@@ -368,7 +369,6 @@ def _list_split(
   num_classes: int,
   records: np.ndarray,
   labels: np.ndarray,
-  decode: Callable[[tf.Tensor], tf.Tensor],
   paths: bool = False,
   load: Callable[[tf.Tensor], tf.Tensor] = lambda record: record,
 ) -> _Split:
@@ -437,14 +437,12 @@ def _list_split(
       return None
     for index in order(host, num_hosts, shuffle_seed, repeats)[start:stop]:
       try:
-        decode(tf.constant(records[index]))
-      except tf.errors.OpError:
+        preprocessing.decode_image(load(tf.constant(records[index])))
+      except Exception:  # eagerly, PIL's own error (OSError, ValueError, ...) or TF's OpError
         return str(records[index])
     return None
 
-  return _Split(
-    description, num_classes, host_sizes, read, decode, find_bad_file, load, stream=stream
-  )
+  return _Split(description, num_classes, host_sizes, read, find_bad_file, load, stream=stream)
 
 
 @functools.cache
@@ -466,12 +464,7 @@ def _digits_split(split: str) -> _Split:
     )
   images, labels = _digits()
   part = DIGITS_SPLITS[split]
-  return _list_split(f'digits {split}', 10, images[part], labels[part], lambda image: image)
-
-
-def _decode_file(path: tf.Tensor) -> tf.Tensor:
-  """An image file -> uint8 [h, w, 3], as preprocessing.decode_image."""
-  return preprocessing.decode_image(tf.io.read_file(path))
+  return _list_split(f'digits {split}', 10, images[part], labels[part])
 
 
 def _subfolders(path: str) -> list[str]:
@@ -513,9 +506,8 @@ def _folder_split(data_dir: str, train_split: str, split: str) -> _Split:
     len(index),
     np.array(paths, dtype=object),  # str objects: leaner than a fixed-width array
     np.array(labels, dtype=np.int32),
-    _decode_file,
     paths=True,
-    load=tf.io.read_file,  # train_pixels decodes the crop alone
+    load=tf.io.read_file,  # decoded by train_pixels and eval_pixels
   )
 
 
@@ -573,5 +565,4 @@ def _tfds_split(name: str, data_dir: str, split: str, shuffle_buffer: int) -> _S
     return ds
 
   num_classes = features['label'].num_classes
-  decode = preprocessing.decode_image
-  return _Split(f'TFDS {name} split {split!r}', num_classes, host_sizes, read, decode)
+  return _Split(f'TFDS {name} split {split!r}', num_classes, host_sizes, read)

@@ -6,9 +6,9 @@ every file differs) with DeiT's transforms at 224 px, batch 64:
   train  random-resized crop (bicubic), flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25
   eval   bicubic resize of the short side to 256 (crop_pct 0.875), centre crop 224
 timm's side is `timm.data.create_transform` in a torch DataLoader with --workers processes
-(persistent, as timm's create_loader makes them) giving normalised float tensors; ours gives uint8
-images (normalisation and the erasing noise run on the device, in the jitted step) and the erasing
-box. Rows:
+(persistent, as timm's create_loader makes them) giving normalised float tensors; ours is tf.data's
+thread pool running PIL (the same pixels as timm's) and gives uint8 images (normalisation and the
+erasing noise run on the device, in the jitted step) and the erasing box. Rows:
   within   one epoch of a --files folder (batches 2 on; the first pays for start-up)
   across   a --small_files folder, --epochs epochs in a row: every epoch boundary is in the timing
 Each row runs ours and timm's alternately, --repeats rounds; the table gives the median images/s

@@ -43,10 +43,10 @@ def load_images(paths: list[str], size: int, crop_pct: float) -> np.ndarray:
   out = []
   for path in paths:
     try:
-      image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    except tf.errors.InvalidArgumentError:
-      raise ValueError(f'{path} is not an image TensorFlow can decode') from None
-    out.append(preprocessing.eval_image(image, size, crop_pct).numpy())
+      image = preprocessing.eval_image(tf.io.read_file(path), size, crop_pct)
+    except tf.errors.OpError:
+      raise ValueError(f'{path} is not an image PIL can decode') from None
+    out.append(image.numpy())
   return np.stack(out)
 
 

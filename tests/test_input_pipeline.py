@@ -293,7 +293,7 @@ def test_corrupt_image_names_the_file(folder, split):
   else:
     batches = input_pipeline.eval_batches(config, image_size=SIZE)
   with pytest.raises(
-    InputError, match=rf'^cannot read image file {bad}: Unknown image file format'
+    InputError, match=rf'^cannot read image file {bad}: unknown image format: PIL cannot identify'
   ):
     for _ in range(8):  # two epochs: the bad file is in one of them, not in a dropped remainder
       next(batches)

@@ -1,4 +1,4 @@
-"""DeiT's augmentations in TF against timm/PIL, and the stateless train pipeline's statistics.
+"""DeiT's transforms against timm's: the same pixels on the same draws, and the draws' statistics.
 
 timm (with torchvision) must be imported before TensorFlow or the import segfaults; conftest.py
 imports timm first, so these tests rely on running under pytest with it.
@@ -6,24 +6,25 @@ imports timm first, so these tests rely on running under pytest with it.
 
 from __future__ import annotations
 
+import io
 import math
 import random
+from unittest import mock
 
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import torch
+import torchvision
 from PIL import Image
 from sklearn.datasets import load_sample_image
 from timm.data import auto_augment, create_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms import InterpolationMode
 
 from ats_jax import preprocessing, randaugment
-
-STD_LEVELS = 255 * np.array(preprocessing.IMAGENET_STD)  # one normalised unit, in 0..255 levels
-GEOMETRIC = {'Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'}
 
 
 @pytest.fixture(scope='module')
@@ -61,50 +62,44 @@ def seed_dataset(fn, count: int) -> tf.data.Dataset:
   return tf.data.Dataset.range(count).map(lambda i: fn(tf.stack([i, tf.constant(7, tf.int64)])))
 
 
-def map_seeds(fn, count: int) -> np.ndarray:
-  return np.stack(list(seed_dataset(fn, count).as_numpy_iterator()))
+def map_seeds(fn, count: int) -> np.ndarray | tuple[np.ndarray, ...]:
+  """fn over `count` seeds (`seed_dataset`), stacked (each part stacked when fn returns a tuple)."""
+  items = list(seed_dataset(fn, count).as_numpy_iterator())
+  if isinstance(items[0], tuple):
+    return tuple(np.stack(part) for part in zip(*items, strict=True))
+  return np.stack(items)
 
 
 def binomial_ok(hits: int, n: int, p: float, sigmas: float = 4.0) -> bool:
   return abs(hits / n - p) <= sigmas * math.sqrt(p * (1 - p) / n)
 
 
-# RandAugment ops, one at a fixed magnitude and sign, against timm's AugmentOp on PIL.
+# RandAugment ops, one at a fixed magnitude and sign, against timm's AugmentOp.
 
 
 @pytest.mark.parametrize('negate', [False, True])
 @pytest.mark.parametrize('magnitude', [9.0, 4.3])
 @pytest.mark.parametrize('name', randaugment.OP_NAMES)
-def test_op_matches_timm(small_photo, monkeypatch, name, magnitude, negate):
+def test_op_equals_timms(small_photo, monkeypatch, name, magnitude, negate):
   hparams = dict(img_mean=randaugment.FILL, interpolation=Image.BICUBIC, translate_const=100)
   op = auto_augment.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams)
   monkeypatch.setattr(random, 'random', lambda: 1.0 if negate else 0.0)  # _randomly_negate's coin
-  expected = np.asarray(op(Image.fromarray(small_photo)), np.float32)
-  assert np.abs(expected - small_photo).mean() > 1.0  # the op does something here
-
-  image = tf.constant(small_photo, tf.float32)
+  expected = np.asarray(op(Image.fromarray(small_photo)))
+  assert np.abs(expected.astype(float) - small_photo).mean() > 1.0  # the op does something here
   index = randaugment.OP_NAMES.index(name)
-  got = randaugment.apply_op(image, tf.constant(index), magnitude, tf.constant(negate)).numpy()
-  diff = np.abs(got - expected)
-  if name in GEOMETRIC:
-    # PIL's bicubic, summed in float32 (PIL: double): measured, a truncation flipped by one level
-    # for up to 0.2% of values (float64: ~1e-5)
-    assert diff.max() <= 1 and np.mean(diff > 0) <= 4e-3, (diff.max(), np.mean(diff > 0))
-  else:
-    np.testing.assert_array_equal(got, expected)
+  got = randaugment.apply_op(Image.fromarray(small_photo), index, magnitude, negate)
+  np.testing.assert_array_equal(np.asarray(got), expected)
 
 
 def test_skip_index_is_identity(small_photo):
-  image = tf.constant(small_photo, tf.float32)
-  skip = tf.constant(len(randaugment.OP_NAMES))
-  got = randaugment.apply_op(image, skip, 9.0, tf.constant(False))
-  np.testing.assert_array_equal(got.numpy(), small_photo)
+  got = randaugment.apply_op(Image.fromarray(small_photo), len(randaugment.OP_NAMES), 9.0, False)
+  np.testing.assert_array_equal(np.asarray(got), small_photo)
 
 
 def test_posterize_zero_bits_is_black(small_photo):
   """timm's level 10 keeps 0 bits: black, as older Pillow gives (Pillow 13's posterize raises)."""
-  got = randaugment.posterize(tf.constant(small_photo, tf.float32), tf.constant(0.0, tf.float64))
-  assert np.all(got.numpy() == 0)
+  got = randaugment.apply_op(Image.fromarray(small_photo), 4, 10.0, False)  # PosterizeIncreasing
+  assert np.all(np.asarray(got) == 0)
 
 
 def test_sample_ops_statistics():
@@ -124,55 +119,72 @@ def test_sample_ops_statistics():
   assert binomial_ok(negate.sum(), n, 0.5)
 
 
-def test_rand_augment_deterministic_per_seed(small_photo):
-  image = tf.constant(small_photo, tf.float32)
-  outs = [randaugment.rand_augment(image, tf.constant([s, 0])).numpy() for s in range(12)]
-  again = randaugment.rand_augment(image, tf.constant([5, 0])).numpy()
-  np.testing.assert_array_equal(outs[5], again)
-  changed = [not np.array_equal(o, small_photo) for o in outs]
-  assert 2 <= sum(changed) <= 11  # P(two skips) = 1/4: some seeds leave the image alone
-  for out in outs:
-    assert out.min() >= 0 and out.max() <= 255 and np.all(out == np.round(out))  # uint8 values
-
-
-# Crops and resizing against timm's transforms.
+# The whole transforms against timm's, on the same draws.
 
 
 @pytest.mark.parametrize('crop', [None, (300, 250), (250, 500)])
-def test_eval_image_matches_timm(photo, crop):
+@pytest.mark.parametrize('interpolation', ['bicubic', 'bilinear'])
+def test_eval_image_equals_timms(photo, crop, interpolation):
   image = photo if crop is None else photo[: crop[0], : crop[1]]
-  transform = create_transform(224, is_training=False, interpolation='bicubic', crop_pct=0.875)
+  transform = create_transform(224, is_training=False, interpolation=interpolation, crop_pct=0.875)
   expected = transform(Image.fromarray(image)).permute(1, 2, 0).numpy()
-  got = preprocessing.eval_image(tf.constant(image), 224).numpy()
+  got = preprocessing.eval_image(tf.constant(image), 224, interpolation=interpolation).numpy()
   assert got.shape == (224, 224, 3) and got.dtype == np.float32
-  levels = np.abs(got - expected) * STD_LEVELS
-  # PIL's two resize passes reproduced: measured <= 1 level at < 1e-3 of values, mean 4e-4
-  assert levels.max() <= 1.001 and levels.mean() <= 0.005, (levels.max(), levels.mean())
+  np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)  # the same pixels, normalised
 
 
-@pytest.mark.parametrize(
-  'shape, square, mean_tol, max_tol',
-  [
-    ((427, 640), False, 0.005, 1),  # the whole image
-    ((427, 640), True, 0.005, 1),  # no 1:1 box fits: timm's centre-crop fallback
-    ((400, 200), True, 0.005, 1),
-    # Pillow 13 resizes this one columns first (older Pillow: rows first, as we do): ~0.17, 6
-    ((400, 200), False, 0.25, 8),
-  ],
-)
-def test_random_resized_crop_matches_timm_when_deterministic(
-  photo, shape, square, mean_tol, max_tol
-):
-  """scale (1, 1) at the image's ratio takes the whole image; at ratio 1, timm's fallback."""
-  image = photo[: shape[0], : shape[1]]
-  ratio = (1.0, 1.0) if square else (shape[1] / shape[0],) * 2
-  timm_rrc = RandomResizedCropAndInterpolation(224, (1.0, 1.0), ratio, interpolation='bicubic')
-  expected = np.asarray(timm_rrc(Image.fromarray(image)), np.float32)
-  got = preprocessing.random_resized_crop(
-    tf.constant(image), tf.constant([1, 2]), 224, (1.0, 1.0), ratio
-  ).numpy()
-  diff = np.abs(got - expected)
-  assert diff.mean() <= mean_tol and diff.max() <= max_tol, (diff.mean(), diff.max())
+def test_eval_pixels_refuses_an_unknown_interpolation(photo):
+  with pytest.raises(ValueError, match="interpolation must be one of .* got 'cubic'"):
+    preprocessing.eval_pixels(tf.constant(photo), 224, interpolation='cubic')
+
+
+def timm_train_pixels(photo: np.ndarray, draws: dict, size: int) -> np.ndarray:
+  """timm's train transform up to ToTensor (RandomResizedCropAndInterpolation, flip,
+  RandAugment's AugmentOps) with its random choices replaced by `draws`."""
+  top, left, h, w = (int(v) for v in draws['box'])
+  image = torchvision.transforms.functional.resized_crop(
+    Image.fromarray(photo), top, left, h, w, [size, size], InterpolationMode.BICUBIC
+  )
+  if draws['flip']:
+    image = torchvision.transforms.functional.hflip(image)
+  hparams = dict(img_mean=randaugment.FILL, interpolation=Image.BICUBIC)
+  layers = zip(draws['op_index'], draws['magnitude'], draws['negate'], strict=True)
+  for index, magnitude, negate in layers:
+    if index == len(randaugment.OP_NAMES):
+      continue  # the op's coin said no
+    name = randaugment.OP_NAMES[index]
+    op = auto_augment.AugmentOp(name, prob=1.0, magnitude=float(magnitude), hparams=hparams)
+    with mock.patch.object(random, 'random', lambda n=bool(negate): 1.0 if n else 0.0):
+      image = op(image)
+  return np.asarray(image)
+
+
+def test_train_pixels_equal_timms_on_the_same_draws(photo):
+  aug = aug_config(random_resized_crop=True, hflip=0.5, randaugment_num_ops=2, random_erasing=0.25)
+  image = tf.constant(photo)
+  ops_seen = set()
+  for i in range(24):
+    seed = tf.constant([i, 3])
+    got, erase = preprocessing.train_pixels(image, seed, 64, aug)
+    draws = {
+      k: v.numpy() for k, v in preprocessing.train_draws(seed, photo.shape[:2], 64, aug).items()
+    }
+    np.testing.assert_array_equal(got.numpy(), timm_train_pixels(photo, draws, 64))
+    np.testing.assert_array_equal(erase.numpy(), draws['erase'])
+    ops_seen.update(draws['op_index'].tolist())
+  assert len(ops_seen) >= 8  # many ops, and the skip, took part
+
+
+def test_train_pixels_from_the_encoded_file_equal_those_from_its_pixels(photo):
+  data = io.BytesIO()
+  Image.fromarray(photo).save(data, format='JPEG', quality=90)
+  decoded = np.asarray(Image.open(io.BytesIO(data.getvalue())).convert('RGB'))
+  aug = aug_config(random_resized_crop=True, hflip=0.5, randaugment_num_ops=2)
+  for i in range(4):
+    seed = tf.constant([i, 0])
+    from_bytes, _ = preprocessing.train_pixels(tf.constant(data.getvalue()), seed, 48, aug)
+    from_pixels, _ = preprocessing.train_pixels(tf.constant(decoded), seed, 48, aug)
+    np.testing.assert_array_equal(from_bytes.numpy(), from_pixels.numpy())
 
 
 def close_means(a: np.ndarray, b: np.ndarray, sigmas: float = 4.0) -> bool:
@@ -217,7 +229,7 @@ def test_crop_box_fallback_matches_timm():
     np.testing.assert_array_equal(box.numpy(), expected)  # the centre, ratio clamped
 
 
-# Random erasing against timm's RandomErasing.
+# Random erasing's boxes against timm's RandomErasing (the device fills them: test_device_images).
 
 
 def erased_boxes(images: np.ndarray) -> list[tuple[int, int]]:
@@ -235,102 +247,75 @@ def erased_boxes(images: np.ndarray) -> list[tuple[int, int]]:
   return out
 
 
-def test_random_erasing_matches_timm_statistics():
+def test_erasing_box_matches_timm_statistics():
   n, size = 600, 40
-  zeros = tf.zeros((size, size, 3))
-  rate = map_seeds(lambda s: preprocessing.random_erasing(zeros, s, 0.25), n)
-  assert binomial_ok(sum(b is not None for b in erased_boxes(rate)), n, 0.25)
+  rate = map_seeds(lambda s: preprocessing.erasing_box(s, size, size, 0.25), n)
+  assert binomial_ok(np.sum(rate[:, 2] > 0), n, 0.25)
 
-  ours = map_seeds(lambda s: preprocessing.random_erasing(zeros, s, 1.0), n)
+  ours = map_seeds(lambda s: preprocessing.erasing_box(s, size, size, 1.0), n)
+  top, left, h, w = ours.T
+  assert np.all((top >= 0) & (left >= 0) & (top + h <= size) & (left + w <= size))
   random.seed(0)
   torch.manual_seed(0)
   erase = RandomErasing(1.0, mode='pixel', max_count=1, device='cpu')
   theirs = [erase(torch.zeros(3, size, size)).permute(1, 2, 0).numpy() for _ in range(n)]
-  boxes, timm_boxes = (np.array([b for b in erased_boxes(x) if b]) for x in (ours, theirs))
+  boxes, timm_boxes = ours[h > 0][:, 2:], np.array([b for b in erased_boxes(theirs) if b])
   assert binomial_ok(len(boxes), n, len(timm_boxes) / n)  # ~all: 10 tries rarely all fail
   area, timm_area = (b[:, 0] * b[:, 1] / size**2 for b in (boxes, timm_boxes))
   assert 0.015 <= area.min() and area.max() <= 0.36  # [0.02, 1/3] up to rounding of h and w
   assert close_means(area, timm_area), (area.mean(), timm_area.mean())
   log_aspect, timm_log_aspect = (np.log(b[:, 0] / b[:, 1]) for b in (boxes, timm_boxes))
   assert close_means(log_aspect, timm_log_aspect), (log_aspect.mean(), timm_log_aspect.mean())
-  values = ours[ours != 0]
-  assert abs(values.mean()) < 0.05 and abs(values.std() - 1.0) < 0.05  # per-pixel N(0, 1)
 
 
-# train_image: determinism, the all-off identity, statistics, graph mode.
+# train_pixels: determinism, graph mode, the all-off identity, rates.
 
 
-def base_image(photo: np.ndarray, size: int) -> np.ndarray:
-  """Every augmentation off: PIL-like bicubic resize (uint8), normalised."""
-  return preprocessing.normalize(preprocessing.resize_like_pil(photo, (size, size))).numpy()
+def resized(photo: np.ndarray, size: int) -> np.ndarray:
+  """Every augmentation off: PIL's bicubic resize of the whole image."""
+  return np.asarray(Image.fromarray(photo).resize((size, size), Image.BICUBIC))
 
 
-def test_train_image_deterministic_per_seed(photo):
+def test_train_pixels_deterministic_per_seed_in_graph_and_eager_mode(photo):
   aug = aug_config(random_resized_crop=True, hflip=0.5, randaugment_num_ops=2, random_erasing=0.25)
   image = tf.constant(photo)
-  a = preprocessing.train_image(image, tf.constant([1, 2]), 64, aug).numpy()
-  b = preprocessing.train_image(image, tf.constant([1, 2], tf.int64), 64, aug).numpy()
-  c = preprocessing.train_image(image, tf.constant([1, 3]), 64, aug).numpy()
-  assert a.shape == (64, 64, 3) and a.dtype == np.float32
-  np.testing.assert_array_equal(a, b)
-  assert np.abs(a - c).mean() > 0.1
+  a, box_a = preprocessing.train_pixels(image, tf.constant([1, 2]), 64, aug)
+  b, box_b = preprocessing.train_pixels(image, tf.constant([1, 2], tf.int64), 64, aug)
+  c, _ = preprocessing.train_pixels(image, tf.constant([1, 3]), 64, aug)
+  assert a.shape == (64, 64, 3) and a.dtype == tf.uint8
+  np.testing.assert_array_equal(a.numpy(), b.numpy())
+  np.testing.assert_array_equal(box_a.numpy(), box_b.numpy())
+  assert np.abs(a.numpy().astype(float) - c.numpy()).mean() > 1.0
 
-  # graph mode inside tf.data gives the same bits as eager, and a second pass the same again
   def shifted(seed: tf.Tensor) -> tf.Tensor:
-    return preprocessing.train_image(image, seed + tf.constant([1, 2], tf.int64), 64, aug)
+    return preprocessing.train_pixels(image, seed + tf.constant([1, 2], tf.int64), 64, aug)[0]
 
   dataset = seed_dataset(shifted, 3)
   first, second = (np.stack(list(dataset.as_numpy_iterator())) for _ in range(2))
   np.testing.assert_array_equal(first, second)
-  eager = preprocessing.train_image(image, tf.constant([1, 9], tf.int64), 64, aug).numpy()
+  eager = preprocessing.train_pixels(image, tf.constant([1, 9], tf.int64), 64, aug)[0].numpy()
   np.testing.assert_array_equal(first[0], eager)  # seed [0, 7] + [1, 2]
 
 
-def test_train_image_all_off_is_resize_and_normalise(photo):
-  got = preprocessing.train_image(tf.constant(photo), tf.constant([0, 0]), 48, aug_config())
-  np.testing.assert_array_equal(got.numpy(), base_image(photo, 48))
-  pil = np.asarray(Image.fromarray(photo).resize((48, 48), Image.BICUBIC), np.float32)
-  expected = (pil / 255 - preprocessing.IMAGENET_MEAN) / preprocessing.IMAGENET_STD
-  assert np.max(np.abs(got.numpy() - expected) * STD_LEVELS) <= 1.001  # PIL's, to a level
+def test_train_pixels_all_off_is_the_resized_image(photo):
+  got, box = preprocessing.train_pixels(tf.constant(photo), tf.constant([0, 0]), 48, aug_config())
+  np.testing.assert_array_equal(got.numpy(), resized(photo, 48))
+  np.testing.assert_array_equal(box.numpy(), [0, 0, 0, 0])  # no erasing
 
 
-def test_train_image_erasing_writes_noise(photo):
-  got = preprocessing.train_image(
-    tf.constant(photo), tf.constant([0, 5]), 48, aug_config(random_erasing=1.0)
-  ).numpy()
-  changed = np.any(got != base_image(photo, 48), axis=-1)
-  rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
-  box = got[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-  assert changed.sum() >= 0.02 * 48 * 48 * 0.9  # at least timm's minimum area
-  assert changed.sum() == box.shape[0] * box.shape[1]  # one rectangle
-  # noise, not the photo: de-normalised values are not whole numbers, neighbours uncorrelated
-  levels = box * STD_LEVELS + 255 * np.array(preprocessing.IMAGENET_MEAN)
-  assert np.mean(np.abs(levels - np.round(levels)) > 1e-3) > 0.9
-  assert abs(np.corrcoef(box[:, :-1].ravel(), box[:, 1:].ravel())[0, 1]) < 0.2
-
-
-def test_train_image_flip_and_erasing_rates(photo):
+def test_train_pixels_flip_erasing_and_randaugment_rates(photo):
   n, size = 400, 24
   image = tf.constant(photo)
   aug = aug_config(hflip=0.5, random_erasing=0.25)
-  outs = map_seeds(lambda s: preprocessing.train_image(image, s, size, aug), n)
-  base = base_image(photo, size)
-  same = np.all(outs == base, axis=-1)  # [n, S, S]
-  mirrored = np.all(outs == base[:, ::-1], axis=-1)
-  flipped = mirrored.sum((1, 2)) > same.sum((1, 2))
-  erased = ~np.where(flipped[:, None, None], mirrored, same).all((1, 2))
+  outs = map_seeds(lambda s: preprocessing.train_pixels(image, s, size, aug), n)
+  pixels, boxes = outs
+  base = resized(photo, size)
+  flipped = np.all(pixels == base[:, ::-1], axis=(1, 2, 3))
+  assert np.all(flipped | np.all(pixels == base, axis=(1, 2, 3)))  # nothing else changed
   assert binomial_ok(flipped.sum(), n, 0.5), flipped.mean()
-  assert binomial_ok(erased.sum(), n, 0.25), erased.mean()
+  assert binomial_ok(np.sum(boxes[:, 2] > 0), n, 0.25)
 
-
-def test_train_image_randaugment_wiring(photo):
-  n, size = 40, 32
-  image = tf.constant(photo)
-  outs = map_seeds(
-    lambda s: preprocessing.train_image(image, s, size, aug_config(randaugment_num_ops=2)), n
-  )
-  base = base_image(photo, size)
-  changed = np.any(outs != base, axis=(1, 2, 3))
+  aug = aug_config(randaugment_num_ops=2)
+  pixels, _ = map_seeds(lambda s: preprocessing.train_pixels(image, s, size, aug), 40)
+  changed = np.any(pixels != base, axis=(1, 2, 3))
   assert 0.4 <= changed.mean() < 1.0  # 3/4 draw at least one op; a few ops may be no-ops
-  levels = outs * STD_LEVELS + 255 * np.array(preprocessing.IMAGENET_MEAN)
-  np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)  # RandAugment keeps uint8
