@@ -31,7 +31,7 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
   try:
     return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
   except UnidentifiedImageError:
-    what = 'the file' if isinstance(source, bytes) else source
+    what = 'the file' if isinstance(source, bytes) else os.fspath(source)
     raise ValueError(f'unknown image format: PIL cannot identify {what}') from None
 
 
@@ -41,8 +41,8 @@ def load_rgb(source: str | os.PathLike | bytes) -> Image.Image:
   try:
     with open_image(source) as image:
       return image.convert('RGB')
-  except OSError as e:  # truncated or broken data
-    raise ValueError(f'{source if isinstance(source, str) else "image"}: {e}') from None
+  except OSError as e:  # truncated or broken data; bytes: the caller names the file
+    raise ValueError(str(e) if isinstance(source, bytes) else f'{os.fspath(source)}: {e}') from None
 
 
 def read_image(source: str | os.PathLike | bytes) -> np.ndarray:

@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from timm.data import create_transform
 
-from ats_jax import device_images, input_pipeline, preprocessing
+from ats_jax import device_images, images, input_pipeline, preprocessing
 from configs import default
 
 SIZE = 16  # the train and TFDS checks: the decode is what they test, not the resize
@@ -95,6 +95,18 @@ def test_decode_image_equals_pil_bit_for_bit():
       assert differs == 0, name
     else:  # measured: 49-95% of the pixels, by up to 4-14 levels
       assert differs > 0.4, (name, differs)
+
+
+def test_unreadable_files_get_a_message_naming_them(tmp_path):
+  garbage = tmp_path / 'notes.png'
+  garbage.write_bytes(b'not an image')
+  with pytest.raises(ValueError, match=f'^unknown image format: PIL cannot identify {garbage}$'):
+    images.read_image(garbage)
+  data = encoded_files()['q90_422.JPEG']
+  truncated = tmp_path / 'cut.jpg'
+  truncated.write_bytes(data[: len(data) // 2])
+  with pytest.raises(ValueError, match=f'^{truncated}: image file is truncated'):
+    images.read_image(str(truncated))
 
 
 def test_folder_eval_equals_timm_deit_eval_transform(photo_dir):

@@ -282,19 +282,29 @@ def test_folder_errors(tmp_path):
   assert f'{tmp_path / "val" / "kiwi"} is not a class of the train split' in info_error(tmp_path)
 
 
+@pytest.mark.parametrize(
+  'kind, reason',
+  [
+    ('garbage', 'unknown image format: PIL cannot identify'),
+    ('truncated', 'image file is truncated'),
+  ],
+)
 @pytest.mark.parametrize('split', ['train', 'val'])
-def test_corrupt_image_names_the_file(folder, split):
+def test_corrupt_image_names_the_file(folder, split, kind, reason):
   root, _ = folder
   bad = root / split / 'mango' / 'img2b.JPEG'  # sorts into the middle: found in a later batch
-  bad.write_bytes(b'this is not a JPEG')
+  if kind == 'garbage':
+    bad.write_bytes(b'this is not a JPEG')
+  else:  # a real JPEG cut short: its header (and size) read fine, its pixels do not
+    photo = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(bad, format='JPEG', quality=95)
+    bad.write_bytes(bad.read_bytes()[:2000])
   config = make_config('folder', root, eval_split='val', batch_size=4, eval_batch_size=2)
   if split == 'train':
     batches = input_pipeline.train_batches(config, image_size=SIZE)
   else:
     batches = input_pipeline.eval_batches(config, image_size=SIZE)
-  with pytest.raises(
-    InputError, match=rf'^cannot read image file {bad}: unknown image format: PIL cannot identify'
-  ):
+  with pytest.raises(InputError, match=rf'^cannot read image file {bad}: {reason}'):
     for _ in range(8):  # two epochs: the bad file is in one of them, not in a dropped remainder
       next(batches)
 
