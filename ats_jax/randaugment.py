@@ -72,23 +72,39 @@ def _signed(value: float, negate: bool) -> float:
   return -value if negate else value
 
 
+def _no_arg(magnitude: float, negate: bool) -> float:
+  return 0.0
+
+
+def _enhance_level(magnitude: float, negate: bool) -> float:
+  return max(0.1, 1.0 + _signed(magnitude / LEVEL_DENOM * 0.9, negate))  # 1 -> 0.1 or 1.9
+
+
+def _shear_level(magnitude: float, negate: bool) -> float:
+  return _signed(magnitude / LEVEL_DENOM * 0.3, negate)  # [-0.3, 0.3]
+
+
+def _translate_level(magnitude: float, negate: bool) -> float:
+  return _signed(magnitude / LEVEL_DENOM * TRANSLATE_PCT, negate)  # [-0.45, 0.45] of the size
+
+
 # timm's LEVEL_TO_ARG for the ops above (magnitude already clipped to [0, 10]).
 _LEVELS: dict[str, Level] = {
-  'AutoContrast': lambda m, n: 0.0,
-  'Equalize': lambda m, n: 0.0,
-  'Invert': lambda m, n: 0.0,
+  'AutoContrast': _no_arg,
+  'Equalize': _no_arg,
+  'Invert': _no_arg,
   'Rotate': lambda m, n: _signed(m / LEVEL_DENOM * 30.0, n),  # degrees in [-30, 30]
   'PosterizeIncreasing': lambda m, n: 4 - int(m / LEVEL_DENOM * 4),  # bits kept: 4 down to 0
   'SolarizeIncreasing': lambda m, n: 256 - min(256, int(m / LEVEL_DENOM * 256)),  # 256 down to 0
   'SolarizeAdd': lambda m, n: min(128, int(m / LEVEL_DENOM * 110)),  # 0 up to 110
-  'ColorIncreasing': lambda m, n: max(0.1, 1.0 + _signed(m / LEVEL_DENOM * 0.9, n)),
-  'ContrastIncreasing': lambda m, n: max(0.1, 1.0 + _signed(m / LEVEL_DENOM * 0.9, n)),
-  'BrightnessIncreasing': lambda m, n: max(0.1, 1.0 + _signed(m / LEVEL_DENOM * 0.9, n)),
-  'SharpnessIncreasing': lambda m, n: max(0.1, 1.0 + _signed(m / LEVEL_DENOM * 0.9, n)),
-  'ShearX': lambda m, n: _signed(m / LEVEL_DENOM * 0.3, n),  # [-0.3, 0.3]
-  'ShearY': lambda m, n: _signed(m / LEVEL_DENOM * 0.3, n),
-  'TranslateXRel': lambda m, n: _signed(m / LEVEL_DENOM * TRANSLATE_PCT, n),  # of the width
-  'TranslateYRel': lambda m, n: _signed(m / LEVEL_DENOM * TRANSLATE_PCT, n),
+  'ColorIncreasing': _enhance_level,
+  'ContrastIncreasing': _enhance_level,
+  'BrightnessIncreasing': _enhance_level,
+  'SharpnessIncreasing': _enhance_level,
+  'ShearX': _shear_level,
+  'ShearY': _shear_level,
+  'TranslateXRel': _translate_level,
+  'TranslateYRel': _translate_level,
 }
 OP_NAMES = tuple(_OPS)  # timm's _RAND_INCREASING_TRANSFORMS, in its order
 

@@ -116,14 +116,11 @@ def enable_compile_cache(directory: str, min_compile_secs: float = 0.0) -> str |
   jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', float(min_compile_secs))
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  if not _counting:
+  if not cache_counts:  # the listeners, once per process
     jax.monitoring.register_event_listener(_count_hit)
     jax.monitoring.register_event_duration_secs_listener(_count_program)
-    _counting.append(True)
+    cache_counts.update(programs=0, hits=0)
   return directory
-
-
-_counting: list[bool] = []
 
 
 def _count_hit(event: str, **kwargs) -> None:

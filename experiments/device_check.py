@@ -75,8 +75,8 @@ def train_steps(
   images = jnp.asarray(photos.photos(batch))
   labels = jnp.arange(batch) % 1000
   lines = []
+  reference = benchmark.random_timm(name, 4.0, depth)
   for execution in ('packed', 'padded'):
-    reference = benchmark.random_timm(name, 4.0, depth)
     model = benchmark.flax_twin(
       reference, name, ats_blocks=benchmark.ats_blocks(len(reference.blocks)),
       execution=execution, dtype=jnp.dtype(dtype), drop_path_rate=0.1,
