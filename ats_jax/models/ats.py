@@ -72,21 +72,22 @@ def sampling_plan(
 
 
 def sample(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, sampling: Sampling
+  qkv: jax.Array, num_heads: int, mask: jax.Array | None, sampling: Sampling
 ) -> tuple[jax.Array, jax.Array]:
   """The tokens an ATS block keeps, scored with the cls row of its attention.
 
-  q, k, v [B, H, N, d] (zero at padded tokens), mask [B, N] or None -> the kept rows [B, K] (input
-  slots: prefix tokens, then the picks) and their mask [B, K] float. K is the cap, or N when fewer
-  slots come in. Only the cls query's row of attention is computed here: the block then attends
-  the kept rows alone.
+  qkv [B, N, 3C] (zero at padded tokens), mask [B, N] or None -> the kept rows [B, K] (input slots:
+  prefix tokens, then the picks) and their mask [B, K] float. K is the cap, or N when fewer slots
+  come in. Only the cls query's row of attention is computed here, from qkv as it is (tokens
+  first): the block then attends the kept rows alone.
   """
-  b, _, n, _ = k.shape
+  b, n, c3 = qkv.shape
   p = sampling.num_prefix_tokens
   cap = min(sampling.cap, n)
   mask = jnp.ones((b, n), jnp.float32) if mask is None else mask.astype(jnp.float32)
-  cls_attn = attention_ops.attention_weights(q[:, :, :1], k, mask)[:, :, 0]  # [B, H, N] float32
-  scores = token_sampling.token_scores(cls_attn, v, p)  # [B, N - P]
+  logits = attention_ops.cls_logits(qkv, num_heads)  # [B, H, 1, N] float32
+  cls_attn = attention_ops.masked_softmax(logits, mask)[:, :, 0]  # [B, H, N]
+  scores = token_sampling.token_scores(cls_attn, qkv[:, :, 2 * c3 // 3 :], p)  # [B, N - P]
   picked, valid = token_sampling.sample_tokens(scores, mask[:, p:] > 0, sampling.grid_size, cap - p)
   rows = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), picked + p], axis=1)  # [B, K]
   kept = jnp.concatenate([jnp.ones((b, p), bool), valid], axis=1).astype(jnp.float32)

@@ -165,7 +165,7 @@ class Block(nnx.Module):
                                num_chunks=pack_chunks)  # fmt: skip
     rows, kept = None, mask
     if self.sampling is not None:  # scored with the cls row alone, before any other attention
-      rows, kept = ats.sample(*self.attn.heads(qkv), mask, self.sampling)  # [B, K]
+      rows, kept = ats.sample(qkv, self.attn.num_heads, mask, self.sampling)  # [B, K]
       x = jnp.take_along_axis(x, rows[:, :, None], axis=1)  # [B, K, C]
     (out,) = packing.slot_map(
       self._attend, (qkv,), mask, () if rows is None else (rows,), kept, num_sizes=attention_sizes

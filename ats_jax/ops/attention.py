@@ -26,6 +26,19 @@ def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.einsum('bhqd,bhkd->bhqk', q * scale, k, preferred_element_type=jnp.float32)
 
 
+def cls_logits(qkv: jax.Array, num_heads: int) -> jax.Array:
+  """The cls query's row of q k^T / sqrt(d) from the tokens-first qkv [B, N, 3C] -> [B, H, 1, N]
+  float32: one pass over k in its own layout (no copy of q, k, v into heads-first tensors for a
+  single query row)."""
+  b, n, c3 = qkv.shape
+  d = c3 // (3 * num_heads)
+  q = qkv[:, 0, : c3 // 3].reshape(b, num_heads, d)  # [B, H, d]
+  k = qkv[:, :, c3 // 3 : 2 * c3 // 3].reshape(b, n, num_heads, d)  # [B, N, H, d]
+  scale = jnp.asarray(d**-0.5, q.dtype)
+  logits = jnp.einsum('bhd,bnhd->bhn', q * scale, k, preferred_element_type=jnp.float32)
+  return logits[:, :, None]
+
+
 def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Softmax(q k^T / sqrt(d)): q [B, H, Q, d], k [B, H, N, d] -> [B, H, Q, N] float32.
 

@@ -133,7 +133,7 @@ def _stream_map(fn: Callable, rows: int, params, flats, source, dest, total):
   padded slots). flats: the inputs [B*N, ...]; rows past the total write out of bounds (dropped)."""
   probe = [jax.ShapeDtypeStruct((rows, *f.shape[1:]), f.dtype) for f in flats]
   shapes = jax.eval_shape(fn, params, *probe)
-  outs = tuple(jnp.zeros((flats[0].shape[0], *s.shape[1:]), s.dtype) for s in shapes)
+  outs = tuple(_fresh_zeros((flats[0].shape[0], *s.shape[1:]), s.dtype, total) for s in shapes)
 
   def body(i, outs):
     src, dst = _chunk(source, i, rows), _chunk(dest, i, rows)
@@ -141,6 +141,17 @@ def _stream_map(fn: Callable, rows: int, params, flats, source, dest, total):
     return tuple(_write(o, dst, y) for o, y in zip(outs, ys, strict=True))
 
   return jax.lax.fori_loop(0, (total + rows - 1) // rows, body, outs)
+
+
+def _fresh_zeros(shape: Sequence[int], dtype: jnp.dtype, count: jax.Array) -> jax.Array:
+  """Zeros computed from `count` (>= 0, of this call's data), so only once its data exists.
+
+  Constant zeros would be one buffer that XLA shares between every block's loop and copies for
+  each loop up front, all the copies alive at once: DeiT-S ATS at batch 32 needed 502 MiB of
+  temporaries where it needs 114 (dense: 149), and a CPU faults in every page of them on each
+  call (XLA allocates them per call).
+  """
+  return jnp.full(shape, count < 0, dtype)
 
 
 def _write(out: jax.Array, dst: jax.Array, y: jax.Array, add: bool = False) -> jax.Array:
@@ -170,7 +181,7 @@ def _stream_map_bwd(fn, rows, residuals, cts):
     dparams = jax.tree.map(jnp.add, dparams, dp)
     return dparams, tuple(_write(d, dst, dx, add=True) for d, dx in zip(dflats, dxs, strict=True))
 
-  init = (jax.tree.map(jnp.zeros_like, params), tuple(jnp.zeros_like(f) for f in flats))
+  init = jax.tree.map(lambda x: _fresh_zeros(x.shape, x.dtype, total), (params, flats))
   dparams, dflats = jax.lax.fori_loop(0, (total + rows - 1) // rows, body, init)
   return dparams, dflats, None, None, None
 
@@ -195,33 +206,44 @@ def _counted(ops: dict) -> jax.Array:
   return ops['key_mask'] if 'key_mask' in ops else ops['query_mask']
 
 
-def _compacted(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]:
-  """`fn` on the fewest leading slots (from a ladder of `num_sizes` sizes) that hold the batch's
-  fullest image: for attention, whose cost is per image.
+def _compacted(
+  fn: Callable, ops: dict, num_sizes: int, images: jax.Array | None = None
+) -> tuple[jax.Array, ...]:
+  """`fn` on the fewest leading slots (from a ladder of `num_sizes` sizes) that hold the fullest of
+  `images` (indices [G] into the batch; None: the whole batch): for attention, whose cost is per
+  image.
 
   ops: 'queries' (a tuple of [B, Nq, ...]) with 'query_mask' [B, Nq], and 'keys' (a tuple of
   [B, Nk, ...]) with 'key_mask' [B, Nk] when keys are masked. Masked keys are cut to the size
   (queries, never more than the keys, too); unmasked keys stay whole and only the queries are cut.
-  Returns fn's outputs [B, <= size, ...] padded with zeros to Nq.
+  Each branch reads only its images' leading slots, so the cost follows the size. Returns fn's
+  outputs [G or B, Nq, ...], padded with zeros after the size.
   """
   masked_keys = 'key_mask' in ops
   counted = _counted(ops)
   sizes = ladder(counted.shape[1], num_sizes)
   num_queries = ops['query_mask'].shape[1]
 
+  def take(x: jax.Array, size: int, images: jax.Array | None) -> jax.Array:
+    return x[:, :size] if images is None else x[images, :size]
+
   def branch(size: int):
-    def run(ops):
-      cut = {k: tuple(x[:, :size] for x in v) if isinstance(v, tuple) else v[:, :size]
+    def run(ops, images):
+      cut = {k: tuple(take(x, size, images) for x in v) if isinstance(v, tuple)
+                else take(v, size, images)
              for k, v in ops.items() if k != 'keys' or masked_keys}  # fmt: skip
+      if not masked_keys and images is not None:  # whole keys, this group's images
+        cut['keys'] = tuple(x[images] for x in ops['keys'])
       ys = fn(**(dict(key_mask=None) | ops | cut))
       return tuple(jnp.pad(y, [(0, 0), (0, num_queries - y.shape[1])] + [(0, 0)] * (y.ndim - 2))
                    for y in ys)  # fmt: skip
 
     return run
 
-  needed = jnp.max(jnp.sum(counted > 0, axis=-1))
+  counts = jnp.sum(counted > 0, axis=-1)
+  needed = jnp.max(counts if images is None else counts[images])
   index = jnp.searchsorted(jnp.asarray(sizes), needed, side='left', method='compare_all')
-  return switch_remat(index, branch, sizes, ops)
+  return switch_remat(index, branch, sizes, ops, images)
 
 
 def _grouped(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]:
@@ -229,23 +251,24 @@ def _grouped(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]:
 
   In a large batch the fullest image is near the cap, so one size for the whole batch would run
   every image's attention at full length. Images are sorted by their token count, split into groups
-  and a `lax.scan` over the groups (one compiled body, whatever the batch) sizes each group for its
-  own fullest image; results go back in the batch's order. Attention is per image, so grouping
-  changes no number.
+  and a loop over the groups (one compiled body, whatever the batch) sizes each group for its own
+  fullest image, reads only those slots of its images and writes its results to their rows.
+  Attention is per image, so grouping changes no number.
   """
   counted = _counted(ops)
   b = counted.shape[0]
   if b <= ATTENTION_GROUP or b % ATTENTION_GROUP:
     return _compacted(fn, ops, num_sizes)
-  order = jnp.argsort(jnp.sum(counted > 0, axis=-1))  # [B] fewest tokens first
-  grouped = jax.tree.map(lambda x: x[order].reshape(-1, ATTENTION_GROUP, *x.shape[1:]), ops)
+  groups = jnp.argsort(jnp.sum(counted > 0, axis=-1)).reshape(-1, ATTENTION_GROUP)  # fewest first
+  shapes = jax.eval_shape(lambda: _compacted(fn, ops, num_sizes, groups[0]))
+  outs = tuple(_fresh_zeros((b, *s.shape[1:]), s.dtype, groups[0, 0]) for s in shapes)
 
-  def group(carry, chunk):
-    return carry, _compacted(fn, chunk, num_sizes)
+  def group(g, outs):
+    images = groups[g]
+    ys = _compacted(fn, ops, num_sizes, images)
+    return tuple(o.at[images].set(y, unique_indices=True) for o, y in zip(outs, ys, strict=True))
 
-  _, ys = jax.lax.scan(group, None, grouped)
-  back = jnp.argsort(order)  # [B] the inverse permutation
-  return tuple(y.reshape(b, *y.shape[2:])[back] for y in ys)
+  return jax.lax.fori_loop(0, groups.shape[0], group, outs)
 
 
 def _data_parallel(run: Callable, replicated: int) -> Callable:
