@@ -28,8 +28,8 @@ def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
 
 def cls_logits(qkv: jax.Array, num_heads: int) -> jax.Array:
   """The cls query's row of q k^T / sqrt(d) from the tokens-first qkv [B, N, 3C] -> [B, H, 1, N]
-  float32: one pass over k in its own layout (no copy of q, k, v into heads-first tensors for a
-  single query row)."""
+  float32, without first copying the whole q, k and v into heads-first tensors for one query row
+  (XLA lays out k alone for the product)."""
   b, n, c3 = qkv.shape
   d = c3 // (3 * num_heads)
   q = qkv[:, 0, : c3 // 3].reshape(b, num_heads, d)  # [B, H, d]
