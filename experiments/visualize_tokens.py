@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
-import tensorflow as tf
 from absl import app, flags
 from sklearn.datasets import load_sample_images
 
 from ats_jax import input_pipeline, preprocessing
+from ats_jax.images import denormalize, eval_transform, read_image
 from ats_jax.token_pictures import grey_dropped, patch_keep_map, trace_tokens
 from experiments import trained
 
@@ -39,15 +39,9 @@ FLAGS = flags.FLAGS
 
 
 def load_images(paths: list[str], size: int, crop_pct: float) -> np.ndarray:
-  """Image files, eval-preprocessed as the model's data: [B, S, S, 3] normalised."""
-  out = []
-  for path in paths:
-    try:
-      image = preprocessing.eval_image(tf.io.read_file(path), size, crop_pct)
-    except tf.errors.OpError:
-      raise ValueError(f'{path} is not an image PIL can decode') from None
-    out.append(image.numpy())
-  return np.stack(out)
+  """Image files, eval-preprocessed as the model's data (PIL, as `ats_jax.predict`): [B, S, S, 3]
+  normalised; a file PIL cannot read is a ValueError that names it."""
+  return np.stack([eval_transform(read_image(path), size, crop_pct) for path in paths])
 
 
 def default_images(config, size: int, count: int) -> tuple[np.ndarray, list[str]]:
@@ -55,7 +49,7 @@ def default_images(config, size: int, count: int) -> tuple[np.ndarray, list[str]
   if config.data.name != 'digits':
     photos = load_sample_images()
     crop = input_pipeline.eval_data_config(config).crop_pct
-    images = [preprocessing.eval_image(tf.constant(p), size, crop).numpy() for p in photos.images]
+    images = [eval_transform(p, size, crop) for p in photos.images]
     names = [os.path.splitext(os.path.basename(f))[0] for f in photos.filenames]
     return np.stack(images)[:count], names[:count]
   batch = next(input_pipeline.eval_batches(config, image_size=size))
@@ -69,7 +63,7 @@ def default_images(config, size: int, count: int) -> tuple[np.ndarray, list[str]
 
 def draw(images, names, kept_ids, counts, blocks, model, path: str) -> None:
   """One row per image: the input, then per ATS block the kept patches (dropped ones greyed)."""
-  shown = np.clip(images * preprocessing.IMAGENET_STD + preprocessing.IMAGENET_MEAN, 0, 1)
+  shown = denormalize(images)
   grid, patch = model.img_size // model.spec.patch_size, model.spec.patch_size
   rows, cols = len(images), 1 + len(blocks)
   fig, axes = plt.subplots(
