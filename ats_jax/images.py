@@ -13,7 +13,8 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as DeiT
+from ats_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD
+
 CROP_PCT = 0.875
 INTERPOLATIONS = {  # timm's str_to_pil_interp
   'nearest': Image.Resampling.NEAREST,
@@ -69,9 +70,11 @@ def eval_transform(photo: np.ndarray, size: int, crop_pct: float = CROP_PCT) -> 
   """DeiT's eval transform as timm runs it: uint8 [h, w, 3] -> float32 [size, size, 3]: bicubic
   resize of the short side to size / crop_pct, centre crop, ImageNet mean/std."""
   image = np.asarray(resize_and_crop(Image.fromarray(photo), size, crop_pct), np.float32) / 255
-  return (image - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+  return (image - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
 
 
 def denormalize(images: np.ndarray) -> np.ndarray:
   """Model inputs back to displayable RGB in [0, 1] (same shape)."""
-  return np.clip(images * np.asarray(STD, np.float32) + np.asarray(MEAN, np.float32), 0, 1)
+  return np.clip(
+    images * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32), 0, 1
+  )

@@ -17,9 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from ats_jax import images, randaugment
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN, DeiT's normalisation
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ats_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _bytes(data: bytes | np.ndarray) -> bytes:
