@@ -28,11 +28,36 @@ def test_attention_ladder_is_geometric_from_an_eighth_never_under_eight_slots():
   assert packing.ladder(5, 6) == (5,)
 
 
-def test_chunks_split_the_slots_in_multiples_of_8_rows_at_least_16():
-  assert packing.chunk_rows(197, 64) == 16  # batch 1
-  assert packing.chunk_rows(32 * 197, 64) == 104  # 6304 / 64 = 98.5 rows, up to a multiple of 8
-  assert packing.chunk_rows(10, 64) == 10  # never more than the slots
-  assert packing.chunk_rows(197, 1) == 197
+def test_loop_steps_are_large_products_in_multiples_of_16_rows():
+  assert packing.chunk_rows(197, 64) == 208  # batch 1: the whole stream, up to a multiple of 16
+  assert packing.chunk_rows(32 * 197, 64) == 256  # 98.5 rows would be small products: MIN_CHUNK
+  assert packing.chunk_rows(128 * 197, 64) == 400  # 394 rows, up to a multiple of 16
+  assert packing.chunk_rows(10, 64) == 16
+  assert packing.tail_sizes(400) == [16, 32, 64, 128, 256]
+  assert packing.tail_sizes(256) == [16, 32, 64, 128]
+  assert packing.tail_sizes(16) == []
+
+
+@pytest.mark.parametrize('slots', [197, 32 * 197])
+@pytest.mark.parametrize('whole_chunks', [False, True])  # the backward runs whole chunks only
+def test_stream_pieces_cover_the_total_rounded_up_once(slots, whole_chunks):
+  """Every row up to the total rounded up to 16 (or to a chunk) runs exactly once, no other."""
+  rows = packing.chunk_rows(slots, 64)
+  align = rows if whole_chunks else 16
+  length = -(-slots // rows) * rows
+
+  @jax.jit
+  def coverage(total):
+    def body(start, size, runs):
+      return jax.lax.dynamic_update_slice(runs, jax.lax.dynamic_slice(runs, [start], [size]) + 1,
+                                          [start])  # fmt: skip
+
+    return packing._stream_pieces(total, length, rows, body, jnp.zeros(length, jnp.int32), align)
+
+  totals = {0, 1, 15, 16, 17, rows - 1, rows, rows + 1, 2 * rows + 40, slots - 1, slots}
+  for total in sorted(t for t in totals if t <= slots):
+    expected = np.arange(length) < -(-total // align) * align
+    np.testing.assert_array_equal(np.asarray(coverage(total)), expected, err_msg=f'total {total}')
 
 
 def test_stream_indices_read_real_slots_image_after_image_and_write_the_rest_out_of_bounds():
@@ -126,18 +151,31 @@ def count_control_flow(jaxpr) -> collections.Counter:
   return count
 
 
-def test_each_masked_section_is_one_loop_or_one_switch():
-  """One loop per per-token section after the first ATS block, one switch per attention from the
-  first ATS block on (its queries: the rows it keeps); none before, none in padded execution."""
+@pytest.mark.parametrize('batch', [2, 40])
+def test_each_masked_section_is_one_loop_and_its_tail_or_one_switch(batch):
+  """Per per-token section after the first ATS block: a loop over whole chunks (a cond where the
+  stream holds one chunk at most) and a cond per tail size; per attention from the first ATS block
+  on, one switch (in a fixed-length scan over groups of 8 images in a large batch); none before,
+  none in padded execution."""
   padded, packed = pair(ats_blocks=(1,), num_tokens=12)
-  images = jnp.zeros((2, 32, 32, 3))
+  images = jnp.zeros((batch, 32, 32, 3))
   count = {}
   for model in (padded, packed):
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s, x, g=graphdef: nnx.merge(g, s)(x))(state, images)
     count[model.execution] = dict(count_control_flow(jaxpr.jaxpr))
-  # block 1 (the first ATS block): attention, residuals; blocks 2 and 3: qkv, attention, residuals
-  assert count == {'padded': {}, 'packed': {'while': 1 + 2 * 2, 'cond': 3}}
+  # block 1 (the first ATS block, 12 kept): attention, residuals; blocks 2, 3: qkv, attention,
+  # residuals. Sections of 2 * 12 slots: one 32-row chunk at most, tail 16; of 40 * 12: 256-row
+  # chunks, tail 16 to 128.
+  tail = packing.tail_sizes(packing.chunk_rows(batch * 12, packed.pack_chunks))
+  assert tail == ([16] if batch == 2 else [16, 32, 64, 128])
+  sections, attentions = 1 + 2 * 2, 3
+  expected = (
+    {'cond': attentions + sections * (1 + len(tail))}
+    if batch == 2
+    else {'while': sections, 'cond': attentions + sections * len(tail)}
+  )
+  assert count == {'padded': {}, 'packed': expected}
 
 
 def loss_fn(model, images, labels, rng=None):

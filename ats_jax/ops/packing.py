@@ -6,17 +6,18 @@ where that work runs, given a token mask [B, N] (real tokens first in each image
 
 - no mask (before the first ATS block): on every slot;
 - padded (`num_chunks=0`): on every slot, padded slots zeroed after;
-- packed (`num_chunks>0`): on one flat stream of the batch's real tokens, image after image, in
-  chunks of B*N / `num_chunks` rows (at least `MIN_CHUNK`), in a loop that stops after the chunk
-  holding the last real token. The cost follows the batch's *mean* kept tokens, to within a chunk,
-  and the loop body is compiled once, whatever the batch keeps. Each chunk gathers its rows and
-  scatters its results back by indices computed from the mask by cumulative sums: shapes stay
-  static under `jit`.
+- packed (`num_chunks>0`): on one flat stream of the batch's real tokens, image after image: a
+  loop over chunks of B*N / `num_chunks` rows (at least `MIN_CHUNK`: small products run far below
+  a core's peak) that stops after the last whole chunk, then the rest in pieces of 16, 32, 64, ...
+  rows (its binary digits, one `lax.cond` each). The cost follows the batch's *mean* kept tokens,
+  to within 16 rows, and each body is compiled once, whatever the batch keeps. Each piece gathers
+  its rows and scatters its results back by indices computed from the mask by cumulative sums:
+  shapes stay static under `jit`.
 
 Attention, whose cost is per image, runs padded (`slot_map`): on the fewest leading slots that hold
 the fullest image of each group of 8 images with similar token counts, from a ladder of sizes.
 
-Under `grad`, custom VJPs keep only the inputs and recompute in the backward pass: the packed loop
+Under `grad`, custom VJPs keep only the inputs and recompute in the backward pass: the packed stream
 chunk by chunk (a loop with a data-dependent length has no automatic reverse mode), the attention
 the branch taken (the backward of a `lax.switch` would otherwise keep every branch's residuals,
 zero-filled). With a mesh set (`jax.set_mesh`) whose data axis splits the batch, each device packs
@@ -37,9 +38,8 @@ from jax.sharding import PartitionSpec as P
 
 from ats_jax.sharding import DATA_AXIS
 
-MIN_CHUNK = 16  # rows: smaller chunks cost more in loop steps than rounding up wastes
-BACKWARD_CHUNK = 4  # forward chunks per backward chunk: each backward step computes the weight
-# gradients of its rows (outer products, then a sum); small chunks would pay them many times
+MIN_CHUNK = 256  # rows a loop step at least: small products run far below a core's peak
+ALIGN = 16  # rows: the stream runs to its total rounded up to a multiple of this
 MIN_FRACTION = 0.125  # attention's smallest size: an eighth of the slots,
 MIN_SLOTS = 8  # but never fewer than ATS keeps at least (`ats.MIN_TOKENS`)
 ATTENTION_GROUP = 8  # images sized together for attention (`_grouped`)
@@ -49,10 +49,10 @@ TokenFn = Callable[
 
 
 def chunk_rows(total: int, num_chunks: int) -> int:
-  """Rows per chunk of a packed stream of `total` slots: total / num_chunks rounded up to a multiple
-  of 8 (SIMD lanes, TPU sublanes), at least `MIN_CHUNK`, at most `total`."""
+  """Rows per loop step of a packed stream of `total` slots: total / num_chunks, at least
+  `MIN_CHUNK`, at most `total`, rounded up to a multiple of `ALIGN`."""
   rows = max(MIN_CHUNK, -(-total // num_chunks))
-  return min(total, -(-rows // 8) * 8)
+  return min(-(-total // ALIGN), -(-rows // ALIGN)) * ALIGN
 
 
 def ladder(total: int, num_sizes: int) -> tuple[int, ...]:
@@ -122,25 +122,56 @@ def switch_remat(index: jax.Array, branch: Callable[[int], Callable], sizes: Seq
   return apply(index, ops)
 
 
-def _chunk(indices: jax.Array, i: jax.Array, rows: int) -> jax.Array:
-  return jax.lax.dynamic_slice_in_dim(indices, i * rows, rows)
+def _stream_pieces(
+  total: jax.Array, length: int, rows: int, body: Callable, carry, align: int = ALIGN
+):
+  """`carry = body(start, size, carry)` over the rows [0, total) of a stream of `length`, rounded up
+  to `align`:
+  whole chunks of `rows` in a loop (one compiled body, whatever the total), then what is left in
+  at most one piece of each size in `tail_sizes(rows, align)`, its binary digits, each under a
+  `lax.cond`. So the products stay large, and at most `align` - 1 rows past the total are
+  computed."""
+  aligned = (total + align - 1) // align * align
+  if length == rows:  # one chunk at most: XLA hoists a loop's invariant body and always runs it
+    carry = jax.lax.cond(aligned >= rows, functools.partial(body, 0, rows), lambda c: c, carry)
+  else:
+    carry = jax.lax.fori_loop(0, aligned // rows, lambda i, c: body(i * rows, rows, c), carry)
+  start = aligned // rows * rows
+  for size in reversed(tail_sizes(rows, align)):
+    take = aligned - start >= size
+    carry = jax.lax.cond(take, functools.partial(body, start, size), lambda c: c, carry)
+    start = start + jnp.where(take, size, 0)
+  return carry
+
+
+def tail_sizes(rows: int, align: int = ALIGN) -> list[int]:
+  """align, 2 align, 4 align, ... below `rows`: any multiple of `align` short of `rows` is a sum of
+  distinct ones."""
+  sizes = [align]
+  while sizes[-1] * 2 < rows:
+    sizes.append(sizes[-1] * 2)
+  return [size for size in sizes if size < rows]
+
+
+def _rows_of(indices: jax.Array, start: jax.Array, size: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(indices, start, size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _stream_map(fn: Callable, rows: int, params, flats, source, dest, total):
-  """`fn(params, *rows of flats)` on the stream rows [0, total), `rows` at a time, in a loop that
-  stops after the last real row: outputs [B*N, ...], zero in every slot no stream row writes (the
-  padded slots). flats: the inputs [B*N, ...]; rows past the total write out of bounds (dropped)."""
+  """`fn(params, *rows of flats)` on the stream rows [0, total), in pieces (`_stream_pieces`):
+  outputs [B*N, ...], zero in every slot no stream row writes (the padded slots). flats: the
+  inputs [B*N, ...]; rows past the total write out of bounds (dropped)."""
   probe = [jax.ShapeDtypeStruct((rows, *f.shape[1:]), f.dtype) for f in flats]
   shapes = jax.eval_shape(fn, params, *probe)
   outs = tuple(_fresh_zeros((flats[0].shape[0], *s.shape[1:]), s.dtype, total) for s in shapes)
 
-  def body(i, outs):
-    src, dst = _chunk(source, i, rows), _chunk(dest, i, rows)
+  def piece(start, size, outs):
+    src, dst = _rows_of(source, start, size), _rows_of(dest, start, size)
     ys = fn(params, *(f[src] for f in flats))
     return tuple(_write(o, dst, y) for o, y in zip(outs, ys, strict=True))
 
-  return jax.lax.fori_loop(0, (total + rows - 1) // rows, body, outs)
+  return _stream_pieces(total, source.shape[0], rows, piece, outs)
 
 
 def _fresh_zeros(shape: Sequence[int], dtype: jnp.dtype, count: jax.Array) -> jax.Array:
@@ -166,15 +197,14 @@ def _stream_map_fwd(fn, rows, params, flats, source, dest, total):
 
 
 def _stream_map_bwd(fn, rows, residuals, cts):
-  """The same loop backwards, `BACKWARD_CHUNK` forward chunks a step: each step's forward is
-  recomputed for its VJP, so the residuals are the inputs alone (no activation is kept, as under
-  `jax.checkpoint`)."""
+  """The stream in whole chunks, each recomputing its forward for its VJP: the residuals are the
+  inputs alone (no activation is kept, as under `jax.checkpoint`). No tail: its conds would add a
+  third to a training step's compile time (DeiT-S, batch 16: 27 to 35 s) for no measured gain."""
   params, flats, source, dest, total = residuals
-  rows *= BACKWARD_CHUNK
 
-  def body(i, carry):
+  def piece(start, size, carry):
     dparams, dflats = carry
-    src, dst = _chunk(source, i, rows), _chunk(dest, i, rows)
+    src, dst = _rows_of(source, start, size), _rows_of(dest, start, size)
     _, vjp = jax.vjp(fn, params, *(f[src] for f in flats))
     # rows past the total read zero cotangents (out of bounds: filled), so give zero gradients
     dp, *dxs = vjp(tuple(ct.at[dst].get(mode='fill', fill_value=0) for ct in cts))
@@ -182,7 +212,7 @@ def _stream_map_bwd(fn, rows, residuals, cts):
     return dparams, tuple(_write(d, dst, dx, add=True) for d, dx in zip(dflats, dxs, strict=True))
 
   init = jax.tree.map(lambda x: _fresh_zeros(x.shape, x.dtype, total), (params, flats))
-  dparams, dflats = jax.lax.fori_loop(0, (total + rows - 1) // rows, body, init)
+  dparams, dflats = _stream_pieces(total, source.shape[0], rows, piece, init, align=rows)
   return dparams, dflats, None, None, None
 
 
@@ -190,11 +220,10 @@ _stream_map.defvjp(_stream_map_fwd, _stream_map_bwd)
 
 
 def _packed(fn: Callable, params, xs: tuple[jax.Array, ...], mask: jax.Array, num_chunks: int):
-  """`fn(params, *tokens)` on the real tokens of xs [B, N, ...], packed, chunk by chunk."""
+  """`fn(params, *tokens)` on the real tokens of xs [B, N, ...], packed, piece by piece."""
   b, n = mask.shape
   rows = chunk_rows(b * n, num_chunks)
-  step = rows * BACKWARD_CHUNK  # the stream: a whole number of chunks, forward and backward
-  source, dest, total = stream_indices(mask, -(-b * n // step) * step)
+  source, dest, total = stream_indices(mask, -(-b * n // rows) * rows)  # whole chunks (backward)
   flats = tuple(x.reshape(b * n, *x.shape[2:]) for x in xs)
   ys = _stream_map(fn, rows, params, flats, source, dest, total)
   return tuple(y.reshape(b, n, *y.shape[1:]) for y in ys)
