@@ -1,4 +1,4 @@
-"""Plain blocks' fused attention against the weights path ATS blocks use, and its backend choice."""
+"""Attention with and without the reference's mask against float64 NumPy, and its backend choice."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ats_jax.ops import attention
+from tests import ats_reference
 
 
 def _qkv(dtype=jnp.float32, scale: float = 4.0):
@@ -14,23 +15,35 @@ def _qkv(dtype=jnp.float32, scale: float = 4.0):
   return (q * scale).astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
-def _float64_attention(q, k, v) -> np.ndarray:
-  """softmax(q k^T / sqrt(d)) v in float64 NumPy: [B, N, H*d]."""
+def _float64_attention(q, k, v, mask=None) -> np.ndarray:
+  """softmax(q k^T / sqrt(d)) v in float64 NumPy, per image with the reference's masked softmax
+  (`tests/ats_reference.py`) when `mask` [B, N] is given: [B, N, H*d]."""
   q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
   logits = np.einsum('bhqd,bhkd->bhqk', q, k) / np.sqrt(q.shape[-1])
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
+  if mask is None:
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+  else:
+    pairs = zip(logits, mask, strict=True)
+    weights = np.stack([ats_reference.masked_softmax(a, m) for a, m in pairs])
   out = np.einsum('bhqk,bhkd->bqhd', weights, v)
   return out.reshape(*out.shape[:2], -1)
 
 
-def test_fused_attention_equals_the_weights_path_and_float64():
+def test_fused_attention_equals_float64():
   q, k, v = _qkv()
   fused = jax.jit(attention.fused_attention)(q, k, v)
-  weights_path = attention.attend(attention.attention_weights(q, k), v)
   assert fused.shape == (2, 197, 3 * 64)
-  np.testing.assert_allclose(fused, weights_path, atol=1e-5, rtol=0)
   np.testing.assert_allclose(fused, _float64_attention(q, k, v), atol=1e-5, rtol=0)
+
+
+def test_masked_attention_equals_float64_whatever_the_padded_keys_hold():
+  q, k, v = _qkv()
+  mask = (np.arange(197)[None] < np.asarray([[197], [60]])).astype(np.float32)  # 60 real keys
+  v = v.at[1, :, 60:].set(1e4)  # padded keys' values and logits take no part
+  k = k.at[1, :, 60:].set(1e4)
+  got = jax.jit(attention.softmax_attention)(q, k, v, jnp.asarray(mask))
+  np.testing.assert_allclose(got, _float64_attention(q, k, v, mask), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ tokens by them, and bfloat16's 8-bit mantissa would reorder close scores.
 
 Once a token mask exists (after the first ATS block), every attention uses the masked softmax of the
 reference implementation (`../shared/ATS_SPEC.md`, "Masked attention"), per image. Before it, plain
-blocks need no weights, only their product with v: `fused_attention` hands them to
-`jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs in 16-bit floats, XLA elsewhere).
+blocks need no weights, only their product with v: `fused_attention` hands them to cuDNN's fused
+kernel on GPUs in 16-bit floats (`jax.nn.dot_product_attention`), to `softmax_attention` elsewhere.
 """
 
 from __future__ import annotations
@@ -67,9 +67,31 @@ def masked_softmax(logits: jax.Array, mask: jax.Array, eps: float = SOFTMAX_EPS)
   return jnp.where(real, e + eps / own, 0.0) / (jnp.sum(e, axis=-1, keepdims=True) + eps)
 
 
-def attend(weights: jax.Array, v: jax.Array) -> jax.Array:
-  """Weighted values: weights [B, H, Q, N], v [B, H, N, d] -> [B, Q, H*d] in v's dtype."""
-  out = jnp.einsum('bhqk,bhkd->bqhd', weights.astype(v.dtype), v)
+def softmax_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, eps: float = SOFTMAX_EPS
+) -> jax.Array:
+  """Softmax(q k^T / sqrt(d)) v: q [B, H, Q, d], k, v [B, H, N, d] -> [B, Q, H*d] in v's dtype.
+
+  With `mask` [B, N] (even all ones) the reference's masked softmax (`masked_softmax`), else the
+  plain one. The weights are normalised after their product with v, one division per output
+  element instead of one per weight, and the product is taken heads first, then laid out tokens
+  first: on this project's CPU 2.4x faster than normalising the [B, H, Q, N] weights and writing
+  tokens first (DeiT-S attention at batch 32: 18 against 44 ms a block).
+  """
+  logits = attention_logits(q, k)  # [B, H, Q, N] float32
+  if mask is not None:
+    real = mask[:, None, None, :] > 0  # [B, 1, 1, N]
+    logits = jnp.where(real, logits, -jnp.inf)
+  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # 0 at padded keys
+  out = jnp.einsum('bhqk,bhkd->bhqd', e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  total = jnp.sum(e, axis=-1, keepdims=True)  # [B, H, Q, 1]
+  if mask is not None:  # each real key's eps / N, N the image's own token count (`masked_softmax`)
+    mask = mask.astype(jnp.float32)
+    real_v = jnp.einsum('bk,bhkd->bhd', mask, v, preferred_element_type=jnp.float32)
+    own = jnp.sum(mask, axis=-1)[:, None, None, None]  # [B, 1, 1, 1]
+    out = out + eps / own * real_v[:, :, None]
+    total = total + eps
+  out = (out / total).astype(v.dtype).transpose(0, 2, 1, 3)  # [B, Q, H, d]
   return out.reshape(*out.shape[:2], -1)
 
 
@@ -82,17 +104,17 @@ def fused_implementation(dtype: jnp.dtype) -> str | None:
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v, no mask, no weights kept: q, k, v [B, H, N, d] -> [B, N, H*d].
 
-  `jax.nn.dot_product_attention` takes tokens before heads; the transposes to its layout cancel
-  with those XLA would put around its products (measured on CPU: the same time as `attend`).
-  Where cuDNN refuses the shapes or the GPU (its checks run while tracing), XLA computes it.
+  cuDNN's fused kernel through `jax.nn.dot_product_attention` on GPUs in 16-bit floats (it takes
+  tokens before heads); elsewhere, or where cuDNN refuses the shapes or the GPU (its checks run
+  while tracing), `softmax_attention`.
   """
-  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, N, H, d]
-  implementation = fused_implementation(q.dtype)
+  if fused_implementation(q.dtype) is None:
+    return softmax_attention(q, k, v)
   try:
-    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    out = jax.nn.dot_product_attention(
+      *(t.transpose(0, 2, 1, 3) for t in (q, k, v)), implementation='cudnn'
+    )  # [B, N, H, d]
   except (NotImplementedError, RuntimeError, ValueError) as error:
-    if implementation is None:
-      raise
     logging.warning('cuDNN attention unavailable (%s): XLA computes it', error)
-    out = jax.nn.dot_product_attention(q, k, v)
+    return softmax_attention(q, k, v)
   return out.reshape(*out.shape[:2], -1)

@@ -314,6 +314,15 @@ def _data_parallel(run: Callable, replicated: int) -> Callable:
   return specs
 
 
+def _flat(fn: TokenFn, modules, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+  """`fn` on the tokens of xs [B, N, ...] as rows [B*N, ...]: XLA on CPU runs 2-D products and the
+  elementwise work fused with them faster than 3-D ones (DeiT-S at batch 32: 1644 against 1750 ms
+  dense; its MLP alone 91 against 104 ms)."""
+  b, n = xs[0].shape[:2]
+  ys = fn(modules, *(x.reshape(b * n, *x.shape[2:]) for x in xs))
+  return tuple(y.reshape(b, n, *y.shape[1:]) for y in ys)
+
+
 def token_map(
   fn: TokenFn, modules, *xs: jax.Array, mask: jax.Array | None, num_chunks: int
 ) -> tuple[jax.Array, ...]:
@@ -322,9 +331,9 @@ def token_map(
   `modules` are the nnx modules `fn` uses (their parameters get gradients); mask [B, N] or None.
   """
   if mask is None:
-    return fn(modules, *xs)
+    return _flat(fn, modules, xs)
   if not num_chunks:
-    return tuple(_zero_padded(y, mask) for y in fn(modules, *xs))
+    return tuple(_zero_padded(y, mask) for y in _flat(fn, modules, xs))
   graphdef, params = nnx.split(modules)
 
   def pure(params, *tokens):
