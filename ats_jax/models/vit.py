@@ -153,7 +153,8 @@ class Block(nnx.Module):
   ) -> tuple[jax.Array, ...]:
     """x [B, N, C] and its token mask [B, N] (None: every token real) -> the same, updated.
 
-    `pack_chunks` > 0 runs per-token work packed, in chunks of B*N / pack_chunks rows, 0 padded;
+    `pack_chunks` > 0 runs per-token work packed, in chunks of B*N / pack_chunks rows (at least
+    256, the rest in pieces of 16-row multiples), 0 padded;
     `attention_sizes` > 0 runs attention on the fewest slots that hold the fullest image
     (`ats_jax.ops.packing`). An ATS block scores its tokens with the cls row of attention, then
     attends the rows it keeps alone.
@@ -204,7 +205,8 @@ class VisionTransformer(nnx.Module):
 
   `ats_blocks`/`num_tokens` turn on ATS (`ats_jax.models.ats`). After the first ATS block,
   `execution='packed'` runs per-token work on the batch's real tokens only, packed into one stream
-  in chunks of 1 / `pack_chunks` of its slots, and attention on the fewest of `attention_sizes`
+  in chunks of 1 / `pack_chunks` of its slots (at least 256 rows, the rest in pieces of 16-row
+  multiples), and attention on the fewest of `attention_sizes`
   slot counts that hold the fullest image (`ats_jax.ops.packing`); 'padded' runs every slot;
   'auto' (default) is `resolve_execution`'s choice. All give the same predictions.
   `drop_path_rate`: stochastic depth (timm's linear rule over the blocks), active only when the
