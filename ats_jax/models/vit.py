@@ -193,11 +193,12 @@ class Block(nnx.Module):
       return (attention_ops.fused_attention(q, k, v),)
     if self.sampling is not None:  # ATS blocks always take the masked softmax (the spec)
       key_mask = jnp.ones(k.shape[0:1] + k.shape[2:3]) if key_mask is None else key_mask
-    if not queries:
-      return (attention_ops.softmax_attention(q, k, v, key_mask),)
-    q = jnp.take_along_axis(q, queries[0][:, None, :, None], axis=2)  # [B, H, K, d]
-    out = attention_ops.softmax_attention(q, k, v, key_mask)  # [B, K, C]
-    return (out * query_mask[:, :, None].astype(out.dtype),)  # the spec zeroes slots with no pick
+    if queries:
+      q = jnp.take_along_axis(q, queries[0][:, None, :, None], axis=2)  # [B, H, K, d]
+    out = attention_ops.softmax_attention(q, k, v, key_mask)  # [B, Q, C]
+    if queries:  # the spec zeroes the slots with no pick
+      out = out * query_mask[:, :, None].astype(out.dtype)
+    return (out,)
 
 
 class VisionTransformer(nnx.Module):

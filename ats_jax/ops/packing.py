@@ -126,10 +126,9 @@ def _stream_pieces(
   total: jax.Array, length: int, rows: int, body: Callable, carry, align: int = ALIGN
 ):
   """`carry = body(start, size, carry)` over the rows [0, total) of a stream of `length`, rounded up
-  to `align`:
-  whole chunks of `rows` in a loop (one compiled body, whatever the total), then what is left in
-  at most one piece of each size in `tail_sizes(rows, align)`, its binary digits, each under a
-  `lax.cond`. So the products stay large, and at most `align` - 1 rows past the total are
+  to `align`: whole chunks of `rows` in a loop (one compiled body, whatever the total), then what
+  is left in at most one piece of each size in `tail_sizes(rows, align)`, its binary digits, each
+  under a `lax.cond`. So the products stay large, and at most `align` - 1 rows past the total are
   computed."""
   aligned = (total + align - 1) // align * align
   if length == rows:  # one chunk at most: XLA hoists a loop's invariant body and always runs it
