@@ -95,7 +95,7 @@ def random_timm(name: str, peak: float, depth: int | None = None) -> torch.nn.Mo
 def flax_twin(reference: torch.nn.Module, name: str, **overrides) -> nnx.Module:
   """Our model with `reference`'s weights (and depth), converted by the key table `python -m
   convert` uses."""
-  state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
+  state_dict = {k: v.cpu().numpy() for k, v in reference.state_dict().items()}
   model = create_model(name, **dict(depth=len(reference.blocks)) | overrides)
   expected = {k: v.shape for k, v in vit.param_dict(model).items()}
   load_params(model, timm_to_flax(state_dict, expected, name), name)

@@ -37,12 +37,37 @@ def test_fused_attention_equals_float64():
   np.testing.assert_allclose(fused, _float64_attention(q, k, v), atol=1e-5, rtol=0)
 
 
-def test_masked_attention_equals_float64_whatever_the_padded_keys_hold():
+def _padded_keys():
+  """q, k, v and a mask [2, 197]: the second image has 60 real keys, its padded ones hold 1e4."""
   q, k, v = _qkv()
-  mask = (np.arange(197)[None] < np.asarray([[197], [60]])).astype(np.float32)  # 60 real keys
-  v = v.at[1, :, 60:].set(1e4)  # padded keys' values and logits take no part
-  k = k.at[1, :, 60:].set(1e4)
+  mask = (np.arange(197)[None] < np.asarray([[197], [60]])).astype(np.float32)
+  return q, k.at[1, :, 60:].set(1e4), v.at[1, :, 60:].set(1e4), mask
+
+
+def test_masked_attention_equals_float64_whatever_the_padded_keys_hold():
+  q, k, v, mask = _padded_keys()
   got = jax.jit(attention.softmax_attention)(q, k, v, jnp.asarray(mask))
+  np.testing.assert_allclose(got, _float64_attention(q, k, v, mask), atol=1e-5, rtol=0)
+
+
+def test_masked_fused_attention_gives_cudnn_each_images_key_count(monkeypatch):
+  """On a GPU in 16-bit floats the masked attention goes to cuDNN with the images' key counts.
+  This CPU has no cuDNN: JAX's own XLA attention, given the same arguments, stands in for it, and
+  must match the reference's masked softmax in float64 but for its eps terms (1e-6 relative)."""
+  monkeypatch.setattr(attention, 'fused_implementation', lambda dtype: 'cudnn')
+  calls = []
+  xla = jax.nn.dot_product_attention
+
+  def stand_in(*args, key_value_seq_lengths, implementation):
+    calls.append((np.asarray(key_value_seq_lengths), implementation))
+    return xla(*args, key_value_seq_lengths=key_value_seq_lengths, implementation='xla')
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', stand_in)
+  q, k, v, mask = _padded_keys()
+  got = attention.fused_attention(q, k, v, jnp.asarray(mask))
+  (lengths, implementation), *more = calls
+  assert not more and implementation == 'cudnn' and lengths.tolist() == [197, 60]
+  assert lengths.dtype == np.int32
   np.testing.assert_allclose(got, _float64_attention(q, k, v, mask), atol=1e-5, rtol=0)
 
 
@@ -74,3 +99,7 @@ def test_where_cudnn_is_refused_xla_computes_the_same(monkeypatch):
   np.testing.assert_allclose(
     np.asarray(fused, np.float32), _float64_attention(q, k, v), atol=3e-2, rtol=0
   )
+  mask = (np.arange(197)[None] < np.asarray([[197], [60]])).astype(np.float32)
+  masked = attention.fused_attention(q, k, v, jnp.asarray(mask))  # the reference's eps terms too
+  expected = attention.softmax_attention(q, k, v, jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(masked, np.float32), np.asarray(expected, np.float32))

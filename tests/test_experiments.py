@@ -72,6 +72,28 @@ def test_benchmark_rows_and_their_numbers_agree(tmp_path):
   assert proc.stdout.count(f'| {name} |') == len(rows)
 
 
+def test_gpu_executions_rows_and_the_gpu_choices_change_no_number_on_a_cpu(tmp_path):
+  """On a CPU, cuDNN's masked attention and the unrolled searches are not used or are exact: the
+  variants that switch them off give the same logits and tokens, and packed keeps padded's."""
+  run_module(
+    'experiments.gpu_executions',
+    '--model=deit_tiny_patch16_224',
+    '--depth=4',
+    '--plan=2:dense+padded, both off+padded+packed 8',
+    f'--json={tmp_path / "g.json"}',
+    JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+  )
+  rows = json.loads((tmp_path / 'g.json').read_text())['rows']
+  assert [r['impl'] for r in rows] == ['dense', 'padded, both off', 'padded', 'packed 8', 'timm']
+  assert rows[0]['speedup'] == 1 and rows[0]['kept_tokens'] == 197
+  for row in rows[1:4]:
+    assert row['vs'] == 'padded, both off' and row['kept_tokens'] < 197
+    assert row['kept_equal'] == 1 and row['top1_agree'] == 1
+  assert rows[2]['max_logit_diff'] == 0  # padded: the same computation, bit for bit
+  assert rows[3]['max_logit_diff'] < 0.05  # packed: bfloat16 products of other shapes
+  assert all(r['ms'] > 0 for r in rows)
+
+
 def test_photos_are_prepared_exactly_as_timm_prepares_them():
   from PIL import Image
 

@@ -24,7 +24,7 @@ EXECUTIONS = ('auto', 'packed', 'padded')  # how blocks after the first ATS bloc
 
 def resolve_execution(execution: str) -> str:
   """'auto': packed, except on GPUs, where each of its conditionals and loop steps syncs with the
-  host and padded execution measured faster (H100, bf16, batch 256: README, Results)."""
+  host and padded execution measured faster (H100, bf16, batch 8 to 256: README, Results)."""
   if execution not in EXECUTIONS:
     raise ValueError(f'execution must be one of {EXECUTIONS}, got {execution!r}')
   if execution == 'auto':
@@ -189,13 +189,11 @@ class Block(nnx.Module):
     queries: () (every slot asks) or the rows ATS kept [B, K] with their mask -> the attention
     output [B, Q, C] before `proj`."""
     q, k, v = self.attn.heads(keys[0])  # [B, H, N, d]
-    if self.sampling is None and key_mask is None and not queries:  # plain: no weights needed
-      return (attention_ops.fused_attention(q, k, v),)
-    if self.sampling is not None:  # ATS blocks always take the masked softmax (the spec)
+    if self.sampling is not None:  # ATS blocks always mask (the spec), even with nothing padded
       key_mask = jnp.ones(k.shape[0:1] + k.shape[2:3]) if key_mask is None else key_mask
     if queries:
       q = jnp.take_along_axis(q, queries[0][:, None, :, None], axis=2)  # [B, H, K, d]
-    out = attention_ops.softmax_attention(q, k, v, key_mask)  # [B, Q, C]
+    out = attention_ops.fused_attention(q, k, v, key_mask)  # [B, Q, C]
     if queries:  # the spec zeroes the slots with no pick
       out = out * query_mask[:, :, None].astype(out.dtype)
     return (out,)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from ats_jax.ops import token_sampling
 from ats_jax.sharding import DATA_AXIS
 
 MIN_CHUNK = 256  # rows a loop step at least: small products run far below a core's peak
@@ -83,7 +84,8 @@ def stream_indices(mask: jax.Array, length: int) -> tuple[jax.Array, jax.Array, 
   ends = jnp.cumsum(counts)
   starts = ends - counts
   row = jnp.arange(length)
-  image = jnp.minimum(jnp.searchsorted(ends, row, side='right'), b - 1)  # [L]
+  image = jnp.searchsorted(ends, row, side='right', method=token_sampling.SEARCH_METHOD)
+  image = jnp.minimum(image, b - 1)  # [L]
   real = row < ends[-1]
   slot = image * n + jnp.clip(row - starts[image], 0, n - 1)
   return jnp.where(real, slot, 0), jnp.where(real, slot, b * n), ends[-1]
@@ -123,13 +125,14 @@ def switch_remat(index: jax.Array, branch: Callable[[int], Callable], sizes: Seq
 
 
 def _stream_pieces(
-  total: jax.Array, length: int, rows: int, body: Callable, carry, align: int = ALIGN
+  total: jax.Array, length: int, rows: int, body: Callable, carry, align: int | None = None
 ):
   """`carry = body(start, size, carry)` over the rows [0, total) of a stream of `length`, rounded up
   to `align`: whole chunks of `rows` in a loop (one compiled body, whatever the total), then what
   is left in at most one piece of each size in `tail_sizes(rows, align)`, its binary digits, each
   under a `lax.cond`. So the products stay large, and at most `align` - 1 rows past the total are
-  computed."""
+  computed. `align` None: `ALIGN`."""
+  align = align or ALIGN
   aligned = (total + align - 1) // align * align
   if length == rows:  # one chunk at most: XLA hoists a loop's invariant body and always runs it
     carry = jax.lax.cond(aligned >= rows, functools.partial(body, 0, rows), lambda c: c, carry)
@@ -143,10 +146,10 @@ def _stream_pieces(
   return carry
 
 
-def tail_sizes(rows: int, align: int = ALIGN) -> list[int]:
-  """align, 2 align, 4 align, ... below `rows`: any multiple of `align` short of `rows` is a sum of
-  distinct ones."""
-  sizes = [align]
+def tail_sizes(rows: int, align: int | None = None) -> list[int]:
+  """align, 2 align, 4 align, ... below `rows` (None: `ALIGN`): any multiple of `align` short of
+  `rows` is a sum of distinct ones."""
+  sizes = [align or ALIGN]
   while sizes[-1] * 2 < rows:
     sizes.append(sizes[-1] * 2)
   return [size for size in sizes if size < rows]
