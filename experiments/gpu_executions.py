@@ -12,7 +12,7 @@ the share of (image, block) kept-token counts that are equal.
 
 Besides the executions, variants switch off two choices made for GPUs, as they were before them:
 the masked attention handed to cuDNN (`attention.fused_attention`) and the binary searches of the
-sampling unrolled (`token_sampling.SEARCH_METHOD`); on a CPU neither changes a number.
+sampling unrolled (`token_sampling.search_method`); on a CPU neither is used.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _xla_masked_attention(q, k, v, mask=None):
 
 
 _XLA_ATTENTION = {(attention, 'fused_attention'): _xla_masked_attention}
-_SEARCH_LOOPS = {(token_sampling, 'SEARCH_METHOD'): 'scan'}
+_SEARCH_LOOPS = {(token_sampling, 'search_method'): lambda: 'scan'}
 VARIANTS = {  # name: (model overrides, module attributes set while tracing)
   'dense': (None, {}),
   'padded': (dict(execution='padded'), {}),

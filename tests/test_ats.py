@@ -94,6 +94,31 @@ def test_sampling_equals_numpy_reference(kind):
     assert sampled(masked, real, grid, max_kept) == expected, trial
 
 
+def test_gpus_unrolled_searches_sample_the_same_tokens(monkeypatch):
+  """GPUs take the binary searches unrolled (`search_method`), other backends as a loop: the same
+  picks, here traced both ways on this CPU over images of every fill."""
+  rng = np.random.default_rng(1)
+  scores = np.exp(rng.standard_normal((64, 196)) * 6)
+  real = rng.random((64, 196)) < rng.uniform(0.05, 1.0, (64, 1))
+  real[:, :2] = True
+  scores = np.where(real, scores, 0.0)
+  scores = jnp.asarray(scores / scores.sum(-1, keepdims=True), jnp.float32)
+  real = jnp.asarray(real)
+
+  def loops() -> int:  # while loops in the lowered program (XLA's own loops)
+    sample = jax.jit(lambda s, r: token_sampling.sample_tokens(s, r, 196, 60))
+    return sample.lower(scores, real).as_text().count('stablehlo.while')
+
+  assert token_sampling.search_method() == 'scan' and loops() > 0
+  expected = _sample_tokens(scores, real, 196, 60)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert token_sampling.search_method() == 'scan_unrolled' and loops() == 0
+  got = jax.jit(lambda s, r: token_sampling.sample_tokens(s, r, 196, 60))(scores, real)
+  for a, b in zip(got, expected, strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert 5 < float(expected[1].sum(-1).mean()) < 60  # the cap binds for some images, not all
+
+
 def test_uniform_scores_with_a_cap_that_does_not_bind_keep_all_but_the_lowest_ranked():
   # spec step 5: the lowest-ranked token (c = 0) is never picked; of tied scores the first is lowest
   assert sampled(np.full(196, 1 / 196)) == list(range(1, 196))

@@ -73,8 +73,8 @@ def test_benchmark_rows_and_their_numbers_agree(tmp_path):
 
 
 def test_gpu_executions_rows_and_the_gpu_choices_change_no_number_on_a_cpu(tmp_path):
-  """On a CPU, cuDNN's masked attention and the unrolled searches are not used or are exact: the
-  variants that switch them off give the same logits and tokens, and packed keeps padded's."""
+  """On a CPU, cuDNN's masked attention and the unrolled searches are not used: the variants that
+  switch them off give the same logits and tokens, and packed keeps padded's."""
   run_module(
     'experiments.gpu_executions',
     '--model=deit_tiny_patch16_224',

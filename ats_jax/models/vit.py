@@ -167,7 +167,7 @@ class Block(nnx.Module):
     rows, kept = None, mask
     if self.sampling is not None:  # scored with the cls row alone, before any other attention
       rows, kept = ats.sample(qkv, self.attn.num_heads, mask, self.sampling)  # [B, K]
-      x = jnp.take_along_axis(x, rows[:, :, None], axis=1)  # [B, K, C]
+      x = jnp.take_along_axis(x, rows[:, :, None], axis=1, mode='promise_in_bounds')  # [B, K, C]
     (out,) = packing.slot_map(
       self._attend, (qkv,), mask, () if rows is None else (rows,), kept, num_sizes=attention_sizes
     )
@@ -192,7 +192,7 @@ class Block(nnx.Module):
     if self.sampling is not None:  # ATS blocks always mask (the spec), even with nothing padded
       key_mask = jnp.ones(k.shape[0:1] + k.shape[2:3]) if key_mask is None else key_mask
     if queries:
-      q = jnp.take_along_axis(q, queries[0][:, None, :, None], axis=2)  # [B, H, K, d]
+      q = jnp.take_along_axis(q, queries[0][:, None, :, None], axis=2, mode='promise_in_bounds')
     out = attention_ops.fused_attention(q, k, v, key_mask)  # [B, Q, C]
     if queries:  # the spec zeroes the slots with no pick
       out = out * query_mask[:, :, None].astype(out.dtype)

@@ -29,15 +29,15 @@ def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
 
 def cls_logits(qkv: jax.Array, num_heads: int) -> jax.Array:
   """The cls query's row of q k^T / sqrt(d) from the tokens-first qkv [B, N, 3C] -> [B, H, 1, N]
-  float32, without first copying the whole q, k and v into heads-first tensors for one query row
-  (XLA lays out k alone for the product)."""
+  float32. One query row is a product and a sum per head read straight from qkv: as a matrix
+  product XLA first copies k into heads-first layout (DeiT-S at batch 32: 2.2 against 1.0 ms)."""
   b, n, c3 = qkv.shape
-  d = c3 // (3 * num_heads)
-  q = qkv[:, 0, : c3 // 3].reshape(b, num_heads, d)  # [B, H, d]
-  k = qkv[:, :, c3 // 3 : 2 * c3 // 3].reshape(b, n, num_heads, d)  # [B, N, H, d]
-  scale = jnp.asarray(d**-0.5, q.dtype)
-  logits = jnp.einsum('bhd,bnhd->bhn', q * scale, k, preferred_element_type=jnp.float32)
-  return logits[:, :, None]
+  c = c3 // 3
+  q = qkv[:, :1, :c] * jnp.asarray((c // num_heads) ** -0.5, qkv.dtype)  # [B, 1, C]
+  products = (qkv[:, :, c : 2 * c].astype(jnp.float32) * q.astype(jnp.float32)).reshape(
+    b, n, num_heads, c // num_heads
+  )
+  return jnp.sum(products, axis=-1).transpose(0, 2, 1)[:, :, None]  # [B, H, 1, N]
 
 
 def _shifted_exp(logits: jax.Array, mask: jax.Array | None) -> jax.Array:

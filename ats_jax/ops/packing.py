@@ -84,7 +84,7 @@ def stream_indices(mask: jax.Array, length: int) -> tuple[jax.Array, jax.Array, 
   ends = jnp.cumsum(counts)
   starts = ends - counts
   row = jnp.arange(length)
-  image = jnp.searchsorted(ends, row, side='right', method=token_sampling.SEARCH_METHOD)
+  image = jnp.searchsorted(ends, row, side='right', method=token_sampling.search_method())
   image = jnp.minimum(image, b - 1)  # [L]
   real = row < ends[-1]
   slot = image * n + jnp.clip(row - starts[image], 0, n - 1)
