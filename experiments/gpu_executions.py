@@ -137,7 +137,6 @@ def main(argv: list[str]) -> None:
   for entry in _PLAN.value:
     batch, names = entry.split(':')
     bench(int(batch), names.split('+'), reference, rows, flags.FLAGS.json)  # benchmark's flag
-    reference = reference.cpu()  # timm's runner moved it
 
 
 if __name__ == '__main__':
