@@ -83,11 +83,10 @@ class Attention(nnx.Module):
     self.qkv = _linear(dim, 3 * dim, dtype, rngs)
     self.proj = _linear(dim, dim, dtype, rngs)
 
-  def heads(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """qkv [B, N, 3C] -> q, k, v [B, H, N, d]: heads before tokens, as XLA's products want."""
-    b, n, c3 = qkv.shape
-    qkv = qkv.reshape(b, n, 3, self.num_heads, c3 // (3 * self.num_heads))
-    return tuple(qkv.transpose(2, 0, 3, 1, 4))
+  def heads(self, x: jax.Array) -> jax.Array:
+    """q, k or v [B, N, C] -> [B, H, N, d]: heads before tokens, as XLA's products want."""
+    b, n, c = x.shape
+    return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(0, 2, 1, 3)
 
 
 class Mlp(nnx.Module):
@@ -99,10 +98,16 @@ class Mlp(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact GELU, as torch's nn.GELU
 
 
-def _qkv(modules, x: jax.Array) -> tuple[jax.Array]:
-  """Per-token: qkv(norm1(x)). x [..., C] -> [..., 3C]."""
+def _qkv(modules, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-token: q, k, v of qkv(norm1(x)). x [..., C] -> three [..., C].
+
+  One product, its thirds written out as three arrays: sampling and attention then read k and v
+  in place, where slices of one [..., 3C] array were each copied first.
+  """
   norm1, qkv = modules
-  return (qkv(norm1(x)),)
+  y = qkv(norm1(x))
+  c = y.shape[-1] // 3
+  return tuple(y[..., i * c : (i + 1) * c] for i in range(3))
 
 
 def _residuals(modules, out: jax.Array, x: jax.Array, *drop: jax.Array) -> tuple[jax.Array]:
@@ -155,21 +160,21 @@ class Block(nnx.Module):
 
     `pack_chunks` > 0 runs per-token work packed, in chunks of B*N / pack_chunks rows (at least
     256, the rest in pieces of 16-row multiples), 0 padded;
-    `attention_sizes` > 0 runs attention on the fewest slots that hold the fullest image
+    `attention_sizes` > 0 runs each image's attention on the fewest slots that hold its tokens
     (`ats_jax.ops.packing`). An ATS block scores its tokens with the cls row of attention, then
     attends the rows it keeps alone.
     `drop` [B, 2]: the per-image scales of the attention and MLP residuals (stochastic depth),
     None at eval. `return_rows` also returns the input slot of each output slot [B, K].
     """
-    # qkv is zero at padded tokens (`token_map`), as the spec's ATS blocks zero q, k and v
-    (qkv,) = packing.token_map(_qkv, (self.norm1, self.attn.qkv), x, mask=mask,
-                               num_chunks=pack_chunks)  # fmt: skip
+    # q, k, v [B, N, C] are zero at padded tokens (`token_map`), as the spec's ATS blocks zero them
+    qkv = packing.token_map(_qkv, (self.norm1, self.attn.qkv), x, mask=mask,
+                            num_chunks=pack_chunks)  # fmt: skip
     rows, kept = None, mask
     if self.sampling is not None:  # scored with the cls row alone, before any other attention
-      rows, kept = ats.sample(qkv, self.attn.num_heads, mask, self.sampling)  # [B, K]
+      rows, kept = ats.sample(*qkv, self.attn.num_heads, mask, self.sampling)  # [B, K]
       x = jnp.take_along_axis(x, rows[:, :, None], axis=1, mode='promise_in_bounds')  # [B, K, C]
     (out,) = packing.slot_map(
-      self._attend, (qkv,), mask, () if rows is None else (rows,), kept, num_sizes=attention_sizes
+      self._attend, qkv, mask, () if rows is None else (rows,), kept, num_sizes=attention_sizes
     )
     extra = () if drop is None else (jnp.broadcast_to(drop[:, None], (*x.shape[:2], 2)),)
     modules = (self.attn.proj, self.norm2, self.mlp)
@@ -180,19 +185,20 @@ class Block(nnx.Module):
 
   def _attend(
     self,
-    keys: tuple[jax.Array],
+    keys: tuple[jax.Array, jax.Array, jax.Array],
     key_mask: jax.Array | None,
     queries: tuple[jax.Array, ...],
     query_mask: jax.Array | None,
   ) -> tuple[jax.Array]:
-    """The block's attention, per image: keys (qkv [B, N, 3C]) and their mask [B, N] or None;
+    """The block's attention, per image: keys (q, k, v [B, N, C]) and their mask [B, N] or None;
     queries: () (every slot asks) or the rows ATS kept [B, K] with their mask -> the attention
     output [B, Q, C] before `proj`."""
-    q, k, v = self.attn.heads(keys[0])  # [B, H, N, d]
+    q, k, v = keys
     if self.sampling is not None:  # ATS blocks always mask (the spec), even with nothing padded
-      key_mask = jnp.ones(k.shape[0:1] + k.shape[2:3]) if key_mask is None else key_mask
-    if queries:
-      q = jnp.take_along_axis(q, queries[0][:, None, :, None], axis=2, mode='promise_in_bounds')
+      key_mask = jnp.ones(k.shape[:2]) if key_mask is None else key_mask
+    if queries:  # the kept rows alone: [B, K, C]
+      q = jnp.take_along_axis(q, queries[0][:, :, None], axis=1, mode='promise_in_bounds')
+    q, k, v = (self.attn.heads(t) for t in (q, k, v))  # [B, H, N, d]
     out = attention_ops.fused_attention(q, k, v, key_mask)  # [B, Q, C]
     if queries:  # the spec zeroes the slots with no pick
       out = out * query_mask[:, :, None].astype(out.dtype)
@@ -205,8 +211,8 @@ class VisionTransformer(nnx.Module):
   `ats_blocks`/`num_tokens` turn on ATS (`ats_jax.models.ats`). After the first ATS block,
   `execution='packed'` runs per-token work on the batch's real tokens only, packed into one stream
   in chunks of 1 / `pack_chunks` of its slots (at least 256 rows, the rest in pieces of 16-row
-  multiples), and attention on the fewest of `attention_sizes`
-  slot counts that hold the fullest image (`ats_jax.ops.packing`); 'padded' runs every slot;
+  multiples), and each image's attention on the fewest of `attention_sizes`
+  slot counts that hold its tokens (`ats_jax.ops.packing`); 'padded' runs every slot;
   'auto' (default) is `resolve_execution`'s choice. All give the same predictions.
   `drop_path_rate`: stochastic depth (timm's linear rule over the blocks), active only when the
   forward gets an `rng`.
