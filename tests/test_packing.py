@@ -70,34 +70,38 @@ def test_stream_indices_read_real_slots_image_after_image_and_write_the_rest_out
 
 @pytest.mark.parametrize('num_chunks', [1, 3, 64])
 def test_token_map_in_chunks_applies_fn_to_real_tokens_only_with_its_gradient(num_chunks):
-  """Totals that fill 1 to all chunks; padded slots hold inf or NaN and get 0 out and 0 gradient."""
+  """Totals that fill 1 to all chunks; padded slots hold inf or NaN and get 0 out and 0 gradient;
+  each token sees its own image's row of a per-image input, which gets its tokens' gradients."""
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
 
-  def fn(w, x, y):
-    return (jnp.tanh(x @ w) * y[..., :1],)
+  def fn(w, x, y, z):
+    return (jnp.tanh(x @ w) * y[..., :1] + z,)
 
-  def packed_loss(w, x, y, mask):
-    (out,) = packing.token_map(fn, w, x, y, mask=mask, num_chunks=num_chunks)
+  def packed_loss(w, x, y, z, mask):
+    (out,) = packing.token_map(fn, w, x, y, mask=mask, num_chunks=num_chunks, per_image=(z,))
     return jnp.sum(out * jnp.arange(5.0)), out
 
-  def reference_loss(w, x, y, mask):  # every slot, then padded ones zeroed: no packing at all
-    out = jnp.where(mask[..., None], fn(w, x, y)[0], 0)
+  def reference_loss(w, x, y, z, mask):  # every slot, then padded ones zeroed: no packing at all
+    out = jnp.where(mask[..., None], fn(w, x, y, z[:, None])[0], 0)
     return jnp.sum(out * jnp.arange(5.0)), out
 
   for counts in ([1, 1, 1, 1], [4, 2, 7, 1], [7, 7, 7, 7]):
     mask = jnp.asarray(np.arange(7)[None] < np.asarray(counts)[:, None])  # [4, 7]
     x = jnp.asarray(rng.standard_normal((4, 7, 3)), jnp.float32)
     y = jnp.asarray(rng.standard_normal((4, 7, 2)), jnp.float32)
+    z = jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)
     dirty = jnp.where(mask[..., None], x, jnp.nan), jnp.where(mask[..., None], y, jnp.inf)
-    grad = jax.value_and_grad(packed_loss, argnums=(0, 1, 2), has_aux=True)
-    (_, out), grads = grad(w, *dirty, mask)
-    ref_grad = jax.value_and_grad(reference_loss, argnums=(0, 1, 2), has_aux=True)
-    (_, ref), ref_grads = ref_grad(w, x, y, mask)
+    grad = jax.value_and_grad(packed_loss, argnums=(0, 1, 2, 3), has_aux=True)
+    (_, out), grads = grad(w, *dirty, z, mask)
+    ref_grad = jax.value_and_grad(reference_loss, argnums=(0, 1, 2, 3), has_aux=True)
+    (_, ref), ref_grads = ref_grad(w, x, y, z, mask)
     real = np.asarray(mask)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)  # 0 where padded
-    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(ref_grads[0]), rtol=1e-5, atol=1e-6)
-    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-7)  # 0: padded
+    for got, want in (grads[0], ref_grads[0]), (grads[3], ref_grads[3]):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grads[3])[:, 1], np.asarray(counts, np.float32))
+    for got, want in zip(grads[1:3], ref_grads[1:3], strict=True):
       np.testing.assert_allclose(
         np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-6
       )

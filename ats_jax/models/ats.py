@@ -72,27 +72,23 @@ def sampling_plan(
 
 
 def sample(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  num_heads: int,
-  mask: jax.Array | None,
-  sampling: Sampling,
+  logits: jax.Array, v_norm: jax.Array, mask: jax.Array | None, sampling: Sampling
 ) -> tuple[jax.Array, jax.Array]:
   """The tokens an ATS block keeps, scored with the cls row of its attention.
 
-  q, k, v [B, N, C] (zero at padded tokens), mask [B, N] or None -> the kept rows [B, K] (input
-  slots: prefix tokens, then the picks) and their mask [B, K] float. K is the cap, or N when fewer
-  slots come in. Only the cls query's row of attention is computed here, from q, k and v as they
-  are (tokens first): the block then attends the kept rows alone.
+  logits [B, N, H] (each token's against the cls query, `attention.cls_logits`) and v_norm [B, N]
+  (`token_sampling.value_norms`), both 0 at padded tokens; mask [B, N] or None -> the kept rows
+  [B, K] (input slots: prefix tokens, then the picks) and their mask [B, K] float. K is the cap, or
+  N when fewer slots come in. Only the cls query's row of attention is computed: the block then
+  attends the kept rows alone.
   """
-  b, n, _ = k.shape
+  b, n, _ = logits.shape
   p = sampling.num_prefix_tokens
   cap = min(sampling.cap, n)
   mask = jnp.ones((b, n), jnp.float32) if mask is None else mask.astype(jnp.float32)
-  logits = attention_ops.cls_logits(q[:, :1], k, num_heads)  # [B, H, 1, N] float32
+  logits = logits.transpose(0, 2, 1)[:, :, None]  # [B, H, 1, N]: the cls query's row
   cls_attn = attention_ops.masked_softmax(logits, mask)[:, :, 0]  # [B, H, N]
-  scores = token_sampling.token_scores(cls_attn, v, p)  # [B, N - P]
+  scores = token_sampling.token_scores(cls_attn, v_norm, p)  # [B, N - P]
   picked, valid = token_sampling.sample_tokens(scores, mask[:, p:] > 0, sampling.grid_size, cap - p)
   rows = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), picked + p], axis=1)  # [B, K]
   kept = jnp.concatenate([jnp.ones((b, p), bool), valid], axis=1).astype(jnp.float32)

@@ -16,7 +16,7 @@ from ats_jax import flops
 from ats_jax.models import ats
 from ats_jax.models.registry import ViTSpec
 from ats_jax.ops import attention as attention_ops
-from ats_jax.ops import packing
+from ats_jax.ops import packing, token_sampling
 
 LAYER_NORM_EPS = 1e-6  # timm's ViT LayerNorm, not PyTorch's 1e-5 default.
 EXECUTIONS = ('auto', 'packed', 'padded')  # how blocks after the first ATS block run (`packing`)
@@ -98,16 +98,19 @@ class Mlp(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact GELU, as torch's nn.GELU
 
 
-def _qkv(modules, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-token: q, k, v of qkv(norm1(x)). x [..., C] -> three [..., C].
-
-  One product, its thirds written out as three arrays: sampling and attention then read k and v
-  in place, where slices of one [..., 3C] array were each copied first.
-  """
+def _qkv(modules, x: jax.Array, *cls_query: jax.Array) -> tuple[jax.Array, ...]:
+  """Per-token: q, k, v of qkv(norm1(x)), three [..., C] from one product, so sampling and
+  attention read k and v in place (slices of one [..., 3C] array were each copied first). x
+  [..., C]. With the token's image's cls query [..., H, d] (an ATS block), also what sampling needs
+  of each token, while k and v are in cache: its logit against the query [..., H] and ||v||
+  [...]."""
   norm1, qkv = modules
   y = qkv(norm1(x))
   c = y.shape[-1] // 3
-  return tuple(y[..., i * c : (i + 1) * c] for i in range(3))
+  q, k, v = (y[..., i * c : (i + 1) * c] for i in range(3))
+  if not cls_query:
+    return q, k, v
+  return q, k, v, attention_ops.cls_logits(cls_query[0], k), token_sampling.value_norms(v)
 
 
 def _residuals(modules, out: jax.Array, x: jax.Array, *drop: jax.Array) -> tuple[jax.Array]:
@@ -167,11 +170,14 @@ class Block(nnx.Module):
     None at eval. `return_rows` also returns the input slot of each output slot [B, K].
     """
     # q, k, v [B, N, C] are zero at padded tokens (`token_map`), as the spec's ATS blocks zero them
-    qkv = packing.token_map(_qkv, (self.norm1, self.attn.qkv), x, mask=mask,
-                            num_chunks=pack_chunks)  # fmt: skip
+    modules = (self.norm1, self.attn.qkv)
+    per_image = () if self.sampling is None else (self._cls_query(x),)
+    q, k, v, *scoring = packing.token_map(_qkv, modules, x, mask=mask, num_chunks=pack_chunks,
+                                          per_image=per_image)  # fmt: skip
+    qkv = (q, k, v)
     rows, kept = None, mask
     if self.sampling is not None:  # scored with the cls row alone, before any other attention
-      rows, kept = ats.sample(*qkv, self.attn.num_heads, mask, self.sampling)  # [B, K]
+      rows, kept = ats.sample(*scoring, mask, self.sampling)  # [B, K]
       x = jnp.take_along_axis(x, rows[:, :, None], axis=1, mode='promise_in_bounds')  # [B, K, C]
     (out,) = packing.slot_map(
       self._attend, qkv, mask, () if rows is None else (rows,), kept, num_sizes=attention_sizes
@@ -182,6 +188,14 @@ class Block(nnx.Module):
     if not return_rows:
       return x, kept
     return x, kept, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]) if rows is None else rows
+
+  def _cls_query(self, x: jax.Array) -> jax.Array:
+    """The cls token's query, scaled by 1 / sqrt(d): x [B, N, C] -> [B, H, d] (what `_qkv` takes
+    each token's sampling logit against)."""
+    q = _qkv((self.norm1, self.attn.qkv), x[:, 0])[0]  # [B, C]
+    b, c = q.shape
+    d = c // self.attn.num_heads
+    return q.reshape(b, self.attn.num_heads, d) * jnp.asarray(d**-0.5, q.dtype)
 
   def _attend(
     self,

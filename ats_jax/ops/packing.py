@@ -161,18 +161,25 @@ def _rows_of(indices: jax.Array, start: jax.Array, size: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(indices, start, size)
 
 
+def _inputs_of(flats, per_image, slots: jax.Array) -> list[jax.Array]:
+  """The rows of flats [B*N, ...] at `slots`, then those of per_image [B, ...] at their images."""
+  n = flats[0].shape[0] // per_image[0].shape[0] if per_image else 1
+  return [f[slots] for f in flats] + [a[slots // n] for a in per_image]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _stream_map(fn: Callable, rows: int, params, flats, source, dest, total):
-  """`fn(params, *rows of flats)` on the stream rows [0, total), in pieces (`_stream_pieces`):
-  outputs [B*N, ...], zero in every slot no stream row writes (the padded slots). flats: the
-  inputs [B*N, ...]; rows past the total write out of bounds (dropped)."""
-  probe = [jax.ShapeDtypeStruct((rows, *f.shape[1:]), f.dtype) for f in flats]
+def _stream_map(fn: Callable, rows: int, params, flats, per_image, source, dest, total):
+  """`fn(params, *rows of flats, *their images' rows of per_image)` on the stream rows [0, total),
+  in pieces (`_stream_pieces`): outputs [B*N, ...], zero in every slot no stream row writes (the
+  padded slots). flats: the inputs [B*N, ...], per_image [B, ...]; rows past the total write out of
+  bounds (dropped)."""
+  probe = [jax.ShapeDtypeStruct((rows, *f.shape[1:]), f.dtype) for f in (*flats, *per_image)]
   shapes = jax.eval_shape(fn, params, *probe)
   outs = tuple(_fresh_zeros((flats[0].shape[0], *s.shape[1:]), s.dtype, total) for s in shapes)
 
   def piece(start, size, outs):
     src, dst = _rows_of(source, start, size), _rows_of(dest, start, size)
-    ys = fn(params, *(f[src] for f in flats))
+    ys = fn(params, *_inputs_of(flats, per_image, src))
     return tuple(_write(o, dst, y) for o, y in zip(outs, ys, strict=True))
 
   return _stream_pieces(total, source.shape[0], rows, piece, outs)
@@ -195,41 +202,48 @@ def _write(out: jax.Array, dst: jax.Array, y: jax.Array, add: bool = False) -> j
   return (at.add if add else at.set)(y, indices_are_sorted=True, mode='drop')
 
 
-def _stream_map_fwd(fn, rows, params, flats, source, dest, total):
-  residuals = (params, flats, source, dest, total)
-  return _stream_map(fn, rows, params, flats, source, dest, total), residuals
+def _stream_map_fwd(fn, rows, params, flats, per_image, source, dest, total):
+  residuals = (params, flats, per_image, source, dest, total)
+  return _stream_map(fn, rows, params, flats, per_image, source, dest, total), residuals
 
 
 def _stream_map_bwd(fn, rows, residuals, cts):
   """The stream in whole chunks, each recomputing its forward for its VJP: the residuals are the
   inputs alone (no activation is kept, as under `jax.checkpoint`). No tail: its conds would add a
   third to a training step's compile time (DeiT-S, batch 16: 27 to 35 s) for no measured gain."""
-  params, flats, source, dest, total = residuals
+  params, flats, per_image, source, dest, total = residuals
+  n = flats[0].shape[0] // per_image[0].shape[0] if per_image else 1
 
   def piece(start, size, carry):
-    dparams, dflats = carry
+    dparams, dflats, dimages = carry
     src, dst = _rows_of(source, start, size), _rows_of(dest, start, size)
-    _, vjp = jax.vjp(fn, params, *(f[src] for f in flats))
+    _, vjp = jax.vjp(fn, params, *_inputs_of(flats, per_image, src))
     # rows past the total read zero cotangents (out of bounds: filled), so give zero gradients
     dp, *dxs = vjp(tuple(ct.at[dst].get(mode='fill', fill_value=0) for ct in cts))
     dparams = jax.tree.map(jnp.add, dparams, dp)
-    return dparams, tuple(_write(d, dst, dx, add=True) for d, dx in zip(dflats, dxs, strict=True))
+    dflats = tuple(_write(d, dst, dx, add=True)
+                   for d, dx in zip(dflats, dxs[: len(flats)], strict=True))  # fmt: skip
+    dimages = tuple(_write(d, dst // n, dx, add=True)  # past the total: image B, dropped
+                    for d, dx in zip(dimages, dxs[len(flats) :], strict=True))  # fmt: skip
+    return dparams, dflats, dimages
 
-  init = jax.tree.map(lambda x: _fresh_zeros(x.shape, x.dtype, total), (params, flats))
-  dparams, dflats = _stream_pieces(total, source.shape[0], rows, piece, init, align=rows)
-  return dparams, dflats, None, None, None
+  init = jax.tree.map(lambda x: _fresh_zeros(x.shape, x.dtype, total), (params, flats, per_image))
+  dparams, dflats, dimages = _stream_pieces(total, source.shape[0], rows, piece, init, align=rows)
+  return dparams, dflats, dimages, None, None, None
 
 
 _stream_map.defvjp(_stream_map_fwd, _stream_map_bwd)
 
 
-def _packed(fn: Callable, params, xs: tuple[jax.Array, ...], mask: jax.Array, num_chunks: int):
-  """`fn(params, *tokens)` on the real tokens of xs [B, N, ...], packed, piece by piece."""
+def _packed(fn: Callable, params, xs: tuple[jax.Array, ...], per_image: tuple[jax.Array, ...],
+            mask: jax.Array, num_chunks: int):  # fmt: skip
+  """`fn(params, *tokens, *their images' rows)` on the real tokens of xs [B, N, ...], packed,
+  piece by piece."""
   b, n = mask.shape
   rows = chunk_rows(b * n, num_chunks)
   source, dest, total = stream_indices(mask, -(-b * n // rows) * rows)  # whole chunks (backward)
   flats = tuple(x.reshape(b * n, *x.shape[2:]) for x in xs)
-  ys = _stream_map(fn, rows, params, flats, source, dest, total)
+  ys = _stream_map(fn, rows, params, flats, per_image, source, dest, total)
   return tuple(y.reshape(b, n, *y.shape[1:]) for y in ys)
 
 
@@ -319,33 +333,46 @@ def _data_parallel(run: Callable, replicated: int) -> Callable:
   return specs
 
 
-def _flat(fn: TokenFn, modules, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-  """`fn` on the tokens of xs [B, N, ...] as rows [B*N, ...]: XLA on CPU runs 2-D products and the
-  elementwise work fused with them faster than 3-D ones (DeiT-S at batch 32: 1644 against 1750 ms
-  dense; its MLP alone 91 against 104 ms)."""
+def _flat(
+  fn: TokenFn, modules, xs: tuple[jax.Array, ...], per_image: tuple[jax.Array, ...] = ()
+) -> tuple[jax.Array, ...]:
+  """`fn` on the tokens of xs [B, N, ...] as rows [B*N, ...] (each with its image's row of
+  per_image [B, ...]): XLA on CPU runs 2-D products and the elementwise work fused with them
+  faster than 3-D ones (DeiT-S at batch 32: 1644 against 1750 ms dense; its MLP alone 91 against
+  104 ms)."""
   b, n = xs[0].shape[:2]
-  ys = fn(modules, *(x.reshape(b * n, *x.shape[2:]) for x in xs))
+  ys = fn(modules, *(x.reshape(b * n, *x.shape[2:]) for x in xs),
+          *(jnp.broadcast_to(a[:, None], (b, n, *a.shape[1:])).reshape(b * n, *a.shape[1:])
+            for a in per_image))  # fmt: skip
   return tuple(y.reshape(b, n, *y.shape[1:]) for y in ys)
 
 
 def token_map(
-  fn: TokenFn, modules, *xs: jax.Array, mask: jax.Array | None, num_chunks: int
+  fn: TokenFn,
+  modules,
+  *xs: jax.Array,
+  mask: jax.Array | None,
+  num_chunks: int,
+  per_image: tuple[jax.Array, ...] = (),
 ) -> tuple[jax.Array, ...]:
-  """`fn(modules, *xs)` on every token of xs [B, N, ...]: see the module docstring for where.
+  """`fn(modules, *xs, *per_image)` on every token of xs [B, N, ...], each token with its image's
+  row of per_image [B, ...]: see the module docstring for where.
 
   `modules` are the nnx modules `fn` uses (their parameters get gradients); mask [B, N] or None.
   """
   if mask is None:
-    return _flat(fn, modules, xs)
+    return _flat(fn, modules, xs, per_image)
   if not num_chunks:
-    return tuple(_zero_padded(y, mask) for y in _flat(fn, modules, xs))
+    return tuple(_zero_padded(y, mask) for y in _flat(fn, modules, xs, per_image))
   graphdef, params = nnx.split(modules)
 
   def pure(params, *tokens):
     return fn(nnx.merge(graphdef, params), *tokens)
 
-  run = _data_parallel(lambda p, xs, m: _packed(pure, p, xs, m, num_chunks), replicated=1)
-  return run(params, tuple(xs), mask > 0)
+  def run(params, xs, per_image, mask):
+    return _packed(pure, params, xs, per_image, mask, num_chunks)
+
+  return _data_parallel(run, replicated=1)(params, tuple(xs), tuple(per_image), mask > 0)
 
 
 def slot_map(

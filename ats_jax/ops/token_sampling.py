@@ -13,14 +13,18 @@ import jax
 import jax.numpy as jnp
 
 
-def token_scores(cls_attn: jax.Array, v: jax.Array, num_prefix_tokens: int) -> jax.Array:
+def value_norms(v: jax.Array) -> jax.Array:
+  """||v_j|| over all heads: v [..., C] (heads side by side) -> [...] float32."""
+  return jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=-1))
+
+
+def token_scores(cls_attn: jax.Array, v_norm: jax.Array, num_prefix_tokens: int) -> jax.Array:
   """Significance of each image token: cls attention summed over heads times ||v_j||.
 
-  cls_attn [B, H, N] (the cls query's attention row), v [B, N, C] (heads side by side) -> [B, N - P]
+  cls_attn [B, H, N] (the cls query's attention row), v_norm [B, N] (`value_norms`) -> [B, N - P]
   float32 summing to 1 per image. Masked tokens have v = 0, hence score 0. Prefix tokens (cls, dist)
   are dropped.
   """
-  v_norm = jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=-1))  # [B, N]
   scores = (cls_attn.sum(axis=1) * v_norm)[:, num_prefix_tokens:]  # [B, M]
   return scores / scores.sum(axis=-1, keepdims=True)
 
