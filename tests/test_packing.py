@@ -133,7 +133,7 @@ def test_packed_equals_padded_on_real_photos_at_batch_1_to_16_with_one_compilati
 
   images = jnp.asarray(photos(28, size=32))
   used = set()
-  for batch in (1, 4, 16):  # attention sized image by image
+  for batch in (1, 4, 16):  # 16: attention sized per group of 4 images (sorted, then restored)
     for start in (0, 12):
       x = images[start : start + batch]
       (a, sa), (b, sb) = forward(padded, x), forward(packed, x)
@@ -144,11 +144,12 @@ def test_packed_equals_padded_on_real_photos_at_batch_1_to_16_with_one_compilati
   assert traces.count('packed') == 3  # one compilation per batch size, whatever was kept
 
 
-def test_attention_in_groups_of_images_sorted_by_count_gives_the_same_numbers(monkeypatch):
-  """Groups of 8 images (the GPU experiment's setting): sorted by token count, each group sized
-  for its fullest image, its rows restored to their images."""
+@pytest.mark.parametrize('group', [1, 8])
+def test_attention_in_groups_of_any_size_gives_the_same_numbers(monkeypatch, group):
+  """Attention image by image, or in groups of 8 images (the GPU experiment's setting): sorted by
+  token count, each group sized for its fullest image, its rows restored to their images."""
   padded, packed = pair()
-  monkeypatch.setattr(packing, 'ATTENTION_GROUP', 8)
+  monkeypatch.setattr(packing, 'ATTENTION_GROUP', group)
   images = jnp.asarray(photos(16, size=32))
   (a, sa), (b, sb) = (nnx.jit(lambda m, x: m(x, return_stats=True))(m, images)
                       for m in (padded, packed))  # fmt: skip
@@ -173,7 +174,7 @@ def count_control_flow(jaxpr) -> collections.Counter:
 def test_each_masked_section_is_one_loop_and_its_tail_or_one_switch(batch):
   """Per per-token section after the first ATS block: a loop over whole chunks (a cond where the
   stream holds one chunk at most) and a cond per tail size; per attention from the first ATS block
-  on, one switch (in a fixed-length scan over the images of a batch); none before,
+  on, one switch (in a fixed-length scan over groups of 4 images in a large batch); none before,
   none in padded execution."""
   padded, packed = pair(ats_blocks=(1,), num_tokens=12)
   images = jnp.zeros((batch, 32, 32, 3))

@@ -14,8 +14,9 @@ where that work runs, given a token mask [B, N] (real tokens first in each image
   its rows and scatters its results back by indices computed from the mask by cumulative sums:
   shapes stay static under `jit`.
 
-Attention, whose cost is per image, runs padded (`slot_map`): image by image, on the fewest leading
-slots that hold the image's tokens, from a ladder of sizes.
+Attention, whose cost is per image, runs padded (`slot_map`): in groups of 4 images of similar
+token counts, each on the fewest leading slots that hold its fullest image's tokens, from a ladder
+of sizes.
 
 Under `grad`, custom VJPs keep only the inputs and recompute in the backward pass: the packed stream
 chunk by chunk (a loop with a data-dependent length has no automatic reverse mode), the attention
@@ -43,9 +44,10 @@ MIN_CHUNK = 256  # rows a loop step at least: small products run far below a cor
 ALIGN = 16  # rows: the stream runs to its total rounded up to a multiple of this
 MIN_FRACTION = 0.125  # attention's smallest size: an eighth of the slots,
 MIN_SLOTS = 8  # but never fewer than ATS keeps at least (`ats.MIN_TOKENS`)
-# images sized together for attention (`_grouped`): one, so each runs at its own size (DeiT-S ATS at
-# batch 32: 760 against 774 ms with groups of 8, whose fullest image set the size)
-ATTENTION_GROUP = 1
+# images sized together for attention (`_grouped`). DeiT-S ATS at batch 32 (one process, alternated)
+# with 1, 4 and 8: 745, 750 and 827 ms on photos with sharp attention (q, k x4: 74 tokens kept);
+# 0.958x, 0.982x and 0.978x dense with plain random weights (183 kept: loop steps, not sizes, count)
+ATTENTION_GROUP = 4
 TokenFn = Callable[
   ..., tuple[jax.Array, ...]
 ]  # (modules, *tokens [..., C_in]) -> tokens [..., C_out]
@@ -294,7 +296,7 @@ def _compacted(
 
 
 def _grouped(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]:
-  """`_compacted` per group of `ATTENTION_GROUP` images of similar token counts (one by default).
+  """`_compacted` per group of `ATTENTION_GROUP` images of similar token counts.
 
   In a large batch the fullest image is near the cap, so one size for the whole batch would run
   every image's attention at full length. Images are sorted by their token count, split into groups
@@ -385,8 +387,9 @@ def slot_map(
   num_sizes: int,
 ) -> tuple[jax.Array, ...]:
   """`fn(keys=, key_mask=, queries=, query_mask=)` -> outputs [B, Nq, ...], on the fewest leading
-  slots that hold each image's tokens (a ladder of `num_sizes` sizes, `_grouped`), or on all slots
-  when 0 or nothing is masked. keys [B, Nk, ...], queries [B, Nq, ...] (Nq <= Nk)."""
+  slots that hold the tokens of each group's fullest image (a ladder of `num_sizes` sizes,
+  `_grouped`), or on all slots when 0 or nothing is masked. keys [B, Nk, ...], queries
+  [B, Nq, ...] (Nq <= Nk)."""
   if query_mask is None or not num_sizes:
     return fn(keys=keys, key_mask=key_mask, queries=queries, query_mask=query_mask)
   ops = dict(keys=keys, queries=queries, query_mask=query_mask)
