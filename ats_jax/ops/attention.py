@@ -32,8 +32,8 @@ def cls_logits(query: jax.Array, k: jax.Array) -> jax.Array:
   token's q, already scaled by 1 / sqrt(d)), k [..., H*d] -> [..., H] float32.
 
   Per token, so it runs with the per-token work, while k is in cache (`vit._qkv`): read again
-  afterwards, k and v took sampling 120 of 3290 ms at batch 128. A product and a sum per head, as a
-  matrix product would first copy k into heads-first layout.
+  afterwards, k and v cost sampling about 120 ms of DeiT-S's 3.2 s forward at batch 128. A product
+  and a sum per head, as a matrix product would first copy k into heads-first layout.
   """
   products = k.reshape(query.shape).astype(jnp.float32) * query.astype(jnp.float32)
   return jnp.sum(products, axis=-1)
