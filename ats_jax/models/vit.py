@@ -164,8 +164,8 @@ class Block(nnx.Module):
     `pack_chunks` > 0 runs per-token work packed, in chunks of B*N / pack_chunks rows (at least
     256, the rest in pieces of 16-row multiples), 0 padded;
     `attention_sizes` > 0 runs attention on the fewest slots that hold the tokens of the fullest
-    image of each group of 4 (`ats_jax.ops.packing`). An ATS block scores its tokens with the cls
-    row of attention, then attends the rows it keeps alone.
+    image of each group of `packing.ATTENTION_GROUP` (`ats_jax.ops.packing`). An ATS block scores
+    its tokens with the cls row of attention, then attends the rows it keeps alone.
     `drop` [B, 2]: the per-image scales of the attention and MLP residuals (stochastic depth),
     None at eval. `return_rows` also returns the input slot of each output slot [B, K].
     """
@@ -225,7 +225,8 @@ class VisionTransformer(nnx.Module):
   `ats_blocks`/`num_tokens` turn on ATS (`ats_jax.models.ats`). After the first ATS block,
   `execution='packed'` runs per-token work on the batch's real tokens only, packed into one stream
   in chunks of 1 / `pack_chunks` of its slots (at least 256 rows, the rest in pieces of 16-row
-  multiples), and attention, per group of 4 images, on the fewest of `attention_sizes`
+  multiples), and attention, per group of `packing.ATTENTION_GROUP` images, on the fewest of
+  `attention_sizes`
   slot counts that hold the group's fullest image (`ats_jax.ops.packing`); 'padded' runs every slot;
   'auto' (default) is `resolve_execution`'s choice. All give the same predictions.
   `drop_path_rate`: stochastic depth (timm's linear rule over the blocks), active only when the

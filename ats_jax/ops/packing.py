@@ -14,9 +14,9 @@ where that work runs, given a token mask [B, N] (real tokens first in each image
   its rows and scatters its results back by indices computed from the mask by cumulative sums:
   shapes stay static under `jit`.
 
-Attention, whose cost is per image, runs padded (`slot_map`): in groups of 4 images of similar
-token counts, each on the fewest leading slots that hold its fullest image's tokens, from a ladder
-of sizes.
+Attention, whose cost is per image, runs padded (`slot_map`): in groups of `ATTENTION_GROUP` images
+of similar token counts, each on the fewest leading slots that hold its fullest image's tokens,
+from a ladder of sizes.
 
 Under `grad`, custom VJPs keep only the inputs and recompute in the backward pass: the packed stream
 chunk by chunk (a loop with a data-dependent length has no automatic reverse mode), the attention
@@ -163,9 +163,14 @@ def _rows_of(indices: jax.Array, start: jax.Array, size: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(indices, start, size)
 
 
+def _slots_per_image(flats, per_image) -> int:
+  """N, from flats [B*N, ...] and per_image [B, ...] (1 without per_image: never used then)."""
+  return flats[0].shape[0] // per_image[0].shape[0] if per_image else 1
+
+
 def _inputs_of(flats, per_image, slots: jax.Array) -> list[jax.Array]:
   """The rows of flats [B*N, ...] at `slots`, then those of per_image [B, ...] at their images."""
-  n = flats[0].shape[0] // per_image[0].shape[0] if per_image else 1
+  n = _slots_per_image(flats, per_image)
   return [f[slots] for f in flats] + [a[slots // n] for a in per_image]
 
 
@@ -214,7 +219,7 @@ def _stream_map_bwd(fn, rows, residuals, cts):
   inputs alone (no activation is kept, as under `jax.checkpoint`). No tail: its conds would add a
   third to a training step's compile time (DeiT-S, batch 16: 27 to 35 s) for no measured gain."""
   params, flats, per_image, source, dest, total = residuals
-  n = flats[0].shape[0] // per_image[0].shape[0] if per_image else 1
+  n = _slots_per_image(flats, per_image)
 
   def piece(start, size, carry):
     dparams, dflats, dimages = carry
