@@ -102,6 +102,10 @@ def sample_tokens(
   picked = (first < picks.shape[1]) & (hit == positions)  # [B, M]; no scatter: shards cleanly
   picked_above = jnp.cumsum(picked[:, ::-1], axis=-1)[:, ::-1]  # picks at sorted positions >= i
   keep = picked & (picked_above <= max_kept)  # [B, M]: the top `max_kept` distinct picks
-  slots = jnp.argsort(jnp.where(keep, positions, m + positions), axis=-1)[:, :max_kept]
+  # the kept positions in order, by binary search where a second sort cost as much as the first:
+  # slot j takes the first position where the running count of kept ones reaches j + 1
+  ranks = jnp.cumsum(keep, axis=-1, dtype=jnp.int32)  # [B, M] ascending
+  wanted = jnp.broadcast_to(jnp.arange(1, max_kept + 1, dtype=jnp.int32), (keep.shape[0], max_kept))
+  slots = jnp.minimum(_first_at_least(ranks, wanted), m - 1)  # [B, K']; past the count: invalid
   valid = jnp.arange(max_kept) < keep.sum(axis=-1, keepdims=True)  # [B, K']
   return jnp.take_along_axis(order, slots, axis=-1), valid
