@@ -25,29 +25,32 @@ SCRIPT = textwrap.dedent("""
     perturb(m, scale=0.5)
     return m
   padded, packed = model('padded'), model('packed')
-  images = jnp.asarray(photos(16, size=32))
-  labels = jnp.arange(16) % 10
-  def loss(m, x):
-    logits, stats = m(x, return_stats=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, stats)
-  step = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
-  (_, (ref_logits, ref_stats)), ref_grads = step(padded, images)  # one device, padded
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-  sharded = jax.device_put(images, NamedSharding(mesh, P('data')))
-  with jax.set_mesh(mesh):  # each device packs its own 2 images: its own ladder sizes
-    hlo = nnx.jit(loss).lower(packed, sharded).as_text()
-    (_, (logits, stats)), grads = step(packed, sharded)
-  assert 'shard_map' in hlo or 'manual' in hlo, 'packing must run per device'
-  assert len(logits.sharding.device_set) == 8, logits.sharding
-  np.testing.assert_array_equal(stats['kept_tokens'], ref_stats['kept_tokens'])
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
-  # float32 sums in another order (8 partial gradients, then their sum) through large weights
-  for (name, g), r in zip(vit.param_dict(grads).items(), vit.param_dict(ref_grads).values()):
-    r = np.asarray(r[...])
-    np.testing.assert_allclose(np.asarray(g[...]), r, rtol=1e-3, atol=1e-3 * np.abs(r).max(),
-                               err_msg=name)
-  per_device = np.asarray(stats['kept_tokens'])[:, 1:].reshape(8, 2, -1).sum(1)
-  assert len({tuple(t) for t in per_device.tolist()}) > 1  # devices pack different totals
+  # each device packs its own 2 images (one size for its batch: a switch) or 8 (two groups of 4,
+  # each at its own size: a loop per size)
+  for n in (16, 64):
+    images = jnp.asarray(photos(n, size=32))
+    labels = jnp.arange(n) % 10
+    def loss(m, x):
+      logits, stats = m(x, return_stats=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, stats)
+    step = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
+    (_, (ref_logits, ref_stats)), ref_grads = step(padded, images)  # one device, padded
+    sharded = jax.device_put(images, NamedSharding(mesh, P('data')))
+    with jax.set_mesh(mesh):
+      hlo = nnx.jit(loss).lower(packed, sharded).as_text()
+      (_, (logits, stats)), grads = step(packed, sharded)
+    assert 'shard_map' in hlo or 'manual' in hlo, 'packing must run per device'
+    assert len(logits.sharding.device_set) == 8, logits.sharding
+    np.testing.assert_array_equal(stats['kept_tokens'], ref_stats['kept_tokens'])
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
+    # float32 sums in another order (8 partial gradients, then their sum) through large weights
+    for (name, g), r in zip(vit.param_dict(grads).items(), vit.param_dict(ref_grads).values()):
+      r = np.asarray(r[...])
+      np.testing.assert_allclose(np.asarray(g[...]), r, rtol=1e-3, atol=1e-3 * np.abs(r).max(),
+                                 err_msg=f'{n} images: {name}')
+    per_device = np.asarray(stats['kept_tokens'])[:, 1:].reshape(8, n // 8, -1).sum(1)
+    assert len({tuple(t) for t in per_device.tolist()}) > 1  # devices pack different totals
   print('ok', np.asarray(stats['kept_tokens']).sum())
 """)
 

@@ -174,8 +174,8 @@ def count_control_flow(jaxpr) -> collections.Counter:
 def test_each_masked_section_is_one_loop_and_its_tail_or_one_switch(batch):
   """Per per-token section after the first ATS block: a loop over whole chunks (a cond where the
   stream holds one chunk at most) and a cond per tail size; per attention from the first ATS block
-  on, one switch (in a fixed-length scan over groups of 4 images in a large batch); none before,
-  none in padded execution."""
+  on, one switch in a small batch, one loop per ladder size (over the groups of 4 images of that
+  size) in a large batch; none before, none in padded execution."""
   padded, packed = pair(ats_blocks=(1,), num_tokens=12)
   images = jnp.zeros((batch, 32, 32, 3))
   count = {}
@@ -189,10 +189,12 @@ def test_each_masked_section_is_one_loop_and_its_tail_or_one_switch(batch):
   tail = packing.tail_sizes(packing.chunk_rows(batch * 12, packed.pack_chunks))
   assert tail == ([16] if batch == 2 else [16, 32, 64, 128])
   sections, attentions = 1 + 2 * 2, 3
+  sizes = packing.ladder(12, packed.attention_sizes)
+  assert sizes == (8, 12)
   expected = (
     {'cond': attentions + sections * (1 + len(tail))}
     if batch == 2
-    else {'while': sections, 'cond': attentions + sections * len(tail)}
+    else {'while': sections + attentions * len(sizes), 'cond': sections * len(tail)}
   )
   assert count == {'padded': {}, 'packed': expected}
 

@@ -16,14 +16,15 @@ where that work runs, given a token mask [B, N] (real tokens first in each image
 
 Attention, whose cost is per image, runs padded (`slot_map`): in groups of `ATTENTION_GROUP` images
 of similar token counts, each on the fewest leading slots that hold its fullest image's tokens,
-from a ladder of sizes.
+from a ladder of sizes: one loop per size over the groups of that size.
 
 Under `grad`, custom VJPs keep only the inputs and recompute in the backward pass: the packed stream
-chunk by chunk (a loop with a data-dependent length has no automatic reverse mode), the attention
-the branch taken (the backward of a `lax.switch` would otherwise keep every branch's residuals,
-zero-filled). With a mesh set (`jax.set_mesh`) whose data axis splits the batch, each device packs
-its own images (`shard_map`), so no token crosses devices. Padded and packed execution apply the
-same per-token function to the same real tokens, so they give the same numbers.
+chunk by chunk and attention group by group (a loop with a data-dependent length has no automatic
+reverse mode), a small batch's attention the branch taken (the backward of a `lax.switch` would
+otherwise keep every branch's residuals, zero-filled). With a mesh set (`jax.set_mesh`) whose data
+axis splits the batch, each device packs its own images (`shard_map`), so no token crosses devices.
+Padded and packed execution apply the same per-token function to the same real tokens, so they
+give the same numbers.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -260,70 +262,136 @@ def _counted(ops: dict) -> jax.Array:
   return ops['key_mask'] if 'key_mask' in ops else ops['query_mask']
 
 
-def _compacted(
-  fn: Callable, ops: dict, num_sizes: int, images: jax.Array | None = None
-) -> tuple[jax.Array, ...]:
-  """`fn` on the fewest leading slots (from a ladder of `num_sizes` sizes) that hold the fullest of
-  `images` (indices [G] into the batch; None: the whole batch): for attention, whose cost is per
-  image.
+def _cut(ops: dict, size: int, images: jax.Array | None = None) -> dict:
+  """What `images` (indices [G] into the batch; None: all of it) need of ops on `size` leading
+  slots: queries, masks and masked keys cut to the size, unmasked keys whole. Reading only those
+  slots is what makes attention's cost follow the size."""
+  return {k: tuple(_cut_one(ops, k, x, size, images) for x in v) if isinstance(v, tuple)
+             else _cut_one(ops, k, v, size, images)
+          for k, v in ops.items()}  # fmt: skip
+
+
+def _rows(ops: dict, key: str, size: int) -> slice:
+  """The slots of ops[key] that `_cut` reads: all of unmasked keys, else the first `size`."""
+  return slice(None) if key == 'keys' and 'key_mask' not in ops else slice(size)
+
+
+def _cut_one(ops: dict, key: str, x: jax.Array, size: int, images: jax.Array | None) -> jax.Array:
+  rows = _rows(ops, key, size)
+  return x[:, rows] if images is None else x[images, rows]
+
+
+def _call(fn: Callable, cut: dict) -> tuple[jax.Array, ...]:
+  return fn(**(dict(key_mask=None) | cut))
+
+
+def _compacted(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]:
+  """`fn` on the fewest leading slots (from a ladder of `num_sizes` sizes) that hold the batch's
+  fullest image: for attention, whose cost is per image.
 
   ops: 'queries' (a tuple of [B, Nq, ...]) with 'query_mask' [B, Nq], and 'keys' (a tuple of
-  [B, Nk, ...]) with 'key_mask' [B, Nk] when keys are masked. Masked keys are cut to the size
-  (queries, never more than the keys, too); unmasked keys stay whole and only the queries are cut.
-  Each branch reads only its images' leading slots, so the cost follows the size. Returns fn's
-  outputs [G or B, Nq, ...], padded with zeros after the size.
+  [B, Nk, ...]) with 'key_mask' [B, Nk] when keys are masked (`_cut`). Returns fn's outputs
+  [B, Nq, ...], padded with zeros after the size.
   """
-  masked_keys = 'key_mask' in ops
-  counted = _counted(ops)
-  sizes = ladder(counted.shape[1], num_sizes)
+  sizes = ladder(_counted(ops).shape[1], num_sizes)
   num_queries = ops['query_mask'].shape[1]
 
-  def take(x: jax.Array, size: int, images: jax.Array | None) -> jax.Array:
-    return x[:, :size] if images is None else x[images, :size]
-
   def branch(size: int):
-    def run(ops, images):
-      cut = {k: tuple(take(x, size, images) for x in v) if isinstance(v, tuple)
-                else take(v, size, images)
-             for k, v in ops.items() if k != 'keys' or masked_keys}  # fmt: skip
-      if not masked_keys and images is not None:  # whole keys, this group's images
-        cut['keys'] = tuple(x[images] for x in ops['keys'])
-      ys = fn(**(dict(key_mask=None) | ops | cut))
+    def run(ops):
       return tuple(jnp.pad(y, [(0, 0), (0, num_queries - y.shape[1])] + [(0, 0)] * (y.ndim - 2))
-                   for y in ys)  # fmt: skip
+                   for y in _call(fn, _cut(ops, size)))  # fmt: skip
 
     return run
 
-  counts = jnp.sum(counted > 0, axis=-1)
-  needed = jnp.max(counts if images is None else counts[images])
+  needed = jnp.max(jnp.sum(_counted(ops) > 0, axis=-1))
   index = jnp.searchsorted(jnp.asarray(sizes), needed, side='left', method='compare_all')
-  return switch_remat(index, branch, sizes, ops, images)
+  return switch_remat(index, branch, sizes, ops)
+
+
+def _groups_by_size(ops: dict, num_sizes: int) -> tuple[tuple[int, ...], jax.Array, jax.Array]:
+  """Images in groups of `ATTENTION_GROUP` of similar token counts, and each group's size.
+
+  -> the ladder, groups [B / G, G] (image indices, fewest tokens first) and bounds [sizes + 1]:
+  the groups that run at sizes[i] are groups[bounds[i] : bounds[i + 1]] (sorted by count, the
+  groups need nondecreasing sizes).
+  """
+  counts = jnp.sum(_counted(ops) > 0, axis=-1)
+  sizes = ladder(_counted(ops).shape[1], num_sizes)
+  groups = jnp.argsort(counts).reshape(-1, ATTENTION_GROUP)
+  search = functools.partial(jnp.searchsorted, side='left', method='compare_all')
+  index = search(jnp.asarray(sizes), jnp.max(counts[groups], axis=-1))  # [B / G] nondecreasing
+  return sizes, groups, search(index, jnp.arange(len(sizes) + 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _grouped_loops(fn: Callable, num_sizes: int, ops: dict) -> tuple[jax.Array, ...]:
+  """`fn` per group of images, at its size, by one loop per size over the groups of that size:
+  each body has a static size, so it reads and writes its images' leading slots alone (no switch,
+  no output padded to the cap). The loops' lengths depend on the data (no automatic reverse mode):
+  the backward is `_grouped_loops_bwd`."""
+  sizes, groups, bounds = _groups_by_size(ops, num_sizes)
+  b, num_queries = ops['query_mask'].shape
+  shapes = jax.eval_shape(lambda: _call(fn, _cut(ops, sizes[-1], groups[0])))
+  outs = tuple(_fresh_zeros((b, num_queries, *s.shape[2:]), s.dtype, bounds[0]) for s in shapes)
+  for i, size in enumerate(sizes):
+
+    def group(g, outs, size=size):
+      images = groups[g]
+      ys = _call(fn, _cut(ops, size, images))
+      return tuple(o.at[images, : y.shape[1]].set(y, unique_indices=True)
+                   for o, y in zip(outs, ys, strict=True))  # fmt: skip
+
+    outs = jax.lax.fori_loop(bounds[i], bounds[i + 1], group, outs)
+  return outs
+
+
+def _grouped_loops_fwd(fn, num_sizes, ops):
+  return _grouped_loops(fn, num_sizes, ops), ops
+
+
+def _inexact(tree) -> bool:
+  return all(jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(tree))
+
+
+def _grouped_loops_bwd(fn, num_sizes, ops, cts):
+  """The same loops, each group recomputing its forward for its VJP (the residuals are the inputs
+  alone) and adding its gradients to its images' slots. Index inputs (the kept rows) get none."""
+  sizes, groups, bounds = _groups_by_size(ops, num_sizes)
+  floats = {k: v for k, v in ops.items() if _inexact(v)}  # q, k, v and the masks
+  grads = jax.tree.map(lambda x: _fresh_zeros(x.shape, x.dtype, bounds[0]), floats)
+  for i, size in enumerate(sizes):
+
+    def group(g, grads, size=size):
+      images = groups[g]
+      cut = _cut(ops, size, images)
+      ys, vjp = jax.vjp(lambda f: _call(fn, cut | f), {k: cut[k] for k in floats})
+      (d,) = vjp(tuple(ct[images, : y.shape[1]] for ct, y in zip(cts, ys, strict=True)))
+      return {k: jax.tree.map(lambda a, x, k=k: a.at[images, _rows(ops, k, size)].add(
+                                x, unique_indices=True), grads[k], d[k])
+              for k in grads}  # fmt: skip
+
+    grads = jax.lax.fori_loop(bounds[i], bounds[i + 1], group, grads)
+  none = {k: jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), v)
+          for k, v in ops.items() if k not in floats}  # fmt: skip
+  return (grads | none,)
+
+
+_grouped_loops.defvjp(_grouped_loops_fwd, _grouped_loops_bwd)
 
 
 def _grouped(fn: Callable, ops: dict, num_sizes: int) -> tuple[jax.Array, ...]:
-  """`_compacted` per group of `ATTENTION_GROUP` images of similar token counts.
+  """Attention per group of `ATTENTION_GROUP` images of similar token counts, each group at the
+  ladder size that holds its fullest image (`_grouped_loops`); one group (`_compacted`, a switch)
+  when the batch has no more images, or does not split evenly.
 
   In a large batch the fullest image is near the cap, so one size for the whole batch would run
-  every image's attention at full length. Images are sorted by their token count, split into groups
-  and a loop over the groups (one compiled body, whatever the batch) sizes each group for its own
-  fullest image, reads only those slots of its images and writes its results to their rows.
-  Attention is per image, so grouping changes no number. Larger groups mean fewer loop steps, which
-  a GPU wants (`experiments/gpu_executions.py`).
+  every image's attention at full length. Attention is per image, so grouping changes no number.
+  Larger groups mean fewer loop steps, which a GPU wants (`experiments/gpu_executions.py`).
   """
-  counted = _counted(ops)
-  b = counted.shape[0]
+  b = ops['query_mask'].shape[0]
   if b <= ATTENTION_GROUP or b % ATTENTION_GROUP:
     return _compacted(fn, ops, num_sizes)
-  groups = jnp.argsort(jnp.sum(counted > 0, axis=-1)).reshape(-1, ATTENTION_GROUP)  # fewest first
-  shapes = jax.eval_shape(lambda: _compacted(fn, ops, num_sizes, groups[0]))
-  outs = tuple(_fresh_zeros((b, *s.shape[1:]), s.dtype, groups[0, 0]) for s in shapes)
-
-  def group(g, outs):
-    images = groups[g]
-    ys = _compacted(fn, ops, num_sizes, images)
-    return tuple(o.at[images].set(y, unique_indices=True) for o, y in zip(outs, ys, strict=True))
-
-  return jax.lax.fori_loop(0, groups.shape[0], group, outs)
+  return _grouped_loops(fn, num_sizes, ops)
 
 
 def _data_parallel(run: Callable, replicated: int) -> Callable:
