@@ -206,17 +206,15 @@ class Block(nnx.Module):
   ) -> tuple[jax.Array]:
     """The block's attention, per image: keys (q, k, v [B, N, C]) and their mask [B, N] or None;
     queries: () (every slot asks) or the rows ATS kept [B, K] with their mask -> the attention
-    output [B, Q, C] before `proj`."""
+    output [B, Q, C] before `proj`. Slots with no pick get a finite row that nothing reads: the
+    residual section zeroes them (padded) or skips them (packed), as the spec zeroes them."""
     q, k, v = keys
     if self.sampling is not None:  # ATS blocks always mask (the spec), even with nothing padded
       key_mask = jnp.ones(k.shape[:2]) if key_mask is None else key_mask
     if queries:  # the kept rows alone: [B, K, C]
       q = jnp.take_along_axis(q, queries[0][:, :, None], axis=1, mode='promise_in_bounds')
     q, k, v = (self.attn.heads(t) for t in (q, k, v))  # [B, H, N, d]
-    out = attention_ops.fused_attention(q, k, v, key_mask)  # [B, Q, C]
-    if queries:  # the spec zeroes the slots with no pick
-      out = out * query_mask[:, :, None].astype(out.dtype)
-    return (out,)
+    return (attention_ops.fused_attention(q, k, v, key_mask),)  # [B, Q, C]
 
 
 class VisionTransformer(nnx.Module):
