@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Same predictions and gradients.
   config.execution = 'auto'
   config.pack_chunks = 64  # loop steps of B*N / pack_chunks rows (>= 256); the rest in 16-row units
-  config.attention_sizes = 6  # attention runs on the fewest of these slot counts; 1: no switch
+  config.attention_sizes = 6  # attention runs on the fewest of these slot counts; 1: one size
   config.drop_path = 0.1  # stochastic depth in training (DeiT's), timm's linear rule over blocks
   # Computation dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU; or 'float32', 'bfloat16'.
   # Parameters, logits and ATS scores stay float32.
