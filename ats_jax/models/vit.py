@@ -208,6 +208,7 @@ class Block(nnx.Module):
     queries: () (every slot asks) or the rows ATS kept [B, K] with their mask -> the attention
     output [B, Q, C] before `proj`. Slots with no pick get a finite row that nothing reads: the
     residual section zeroes them (padded) or skips them (packed), as the spec zeroes them."""
+    del query_mask  # sizes attention in `slot_map`; the rows it marks as empty are never read
     q, k, v = keys
     if self.sampling is not None:  # ATS blocks always mask (the spec), even with nothing padded
       key_mask = jnp.ones(k.shape[:2]) if key_mask is None else key_mask
@@ -224,11 +225,10 @@ class VisionTransformer(nnx.Module):
   `execution='packed'` runs per-token work on the batch's real tokens only, packed into one stream
   in chunks of 1 / `pack_chunks` of its slots (at least 256 rows, the rest in pieces of 16-row
   multiples), and attention, per group of `packing.ATTENTION_GROUP` images, on the fewest of
-  `attention_sizes`
-  slot counts that hold the group's fullest image (`ats_jax.ops.packing`); 'padded' runs every slot;
-  'auto' (default) is `resolve_execution`'s choice. All give the same predictions.
-  `drop_path_rate`: stochastic depth (timm's linear rule over the blocks), active only when the
-  forward gets an `rng`.
+  `attention_sizes` slot counts that hold the group's fullest image (`ats_jax.ops.packing`);
+  'padded' runs every slot; 'auto' (default) is `resolve_execution`'s choice. All give the same
+  predictions. `drop_path_rate`: stochastic depth (timm's linear rule over the blocks), active only
+  when the forward gets an `rng`.
   """
 
   def __init__(

@@ -47,8 +47,9 @@ ALIGN = 16  # rows: the stream runs to its total rounded up to a multiple of thi
 MIN_FRACTION = 0.125  # attention's smallest size: an eighth of the slots,
 MIN_SLOTS = 8  # but never fewer than ATS keeps at least (`ats.MIN_TOKENS`)
 # images sized together for attention (`_grouped`). DeiT-S ATS at batch 32 (one process, alternated)
-# with 1, 4 and 8: 745, 750 and 827 ms on photos with sharp attention (q, k x4: 74 tokens kept);
-# 0.958x, 0.982x and 0.978x dense with plain random weights (183 kept: loop steps, not sizes, count)
+# with 1, 2, 4 and 8: 750, 750, 758 and 772 ms on photos with sharp attention (q, k x4: 74 tokens
+# kept); 0.96x, 0.98x and 0.995x dense (1, 2, 4) with plain random weights (183 kept: loop steps,
+# not sizes, count)
 ATTENTION_GROUP = 4
 TokenFn = Callable[
   ..., tuple[jax.Array, ...]
