@@ -334,16 +334,22 @@ def _grouped_loops(fn: Callable, num_sizes: int, ops: dict) -> tuple[jax.Array, 
   b, num_queries = ops['query_mask'].shape
   shapes = jax.eval_shape(lambda: _call(fn, _cut(ops, sizes[-1], groups[0])))
   outs = tuple(_fresh_zeros((b, num_queries, *s.shape[2:]), s.dtype, bounds[0]) for s in shapes)
+
+  def group(size, g, outs):
+    images = groups[g]
+    ys = _call(fn, _cut(ops, size, images))
+    return tuple(o.at[images, : y.shape[1]].set(y, unique_indices=True)
+                 for o, y in zip(outs, ys, strict=True))  # fmt: skip
+
+  return _loops_per_size(sizes, bounds, group, outs)
+
+
+def _loops_per_size(sizes: Sequence[int], bounds: jax.Array, group: Callable, carry):
+  """`carry = group(size, g, carry)` for every group g, at its size: one loop per size over
+  groups[bounds[i] : bounds[i + 1]] (`_groups_by_size`)."""
   for i, size in enumerate(sizes):
-
-    def group(g, outs, size=size):
-      images = groups[g]
-      ys = _call(fn, _cut(ops, size, images))
-      return tuple(o.at[images, : y.shape[1]].set(y, unique_indices=True)
-                   for o, y in zip(outs, ys, strict=True))  # fmt: skip
-
-    outs = jax.lax.fori_loop(bounds[i], bounds[i + 1], group, outs)
-  return outs
+    carry = jax.lax.fori_loop(bounds[i], bounds[i + 1], functools.partial(group, size), carry)
+  return carry
 
 
 def _grouped_loops_fwd(fn, num_sizes, ops):
@@ -360,18 +366,17 @@ def _grouped_loops_bwd(fn, num_sizes, ops, cts):
   sizes, groups, bounds = _groups_by_size(ops, num_sizes)
   floats = {k: v for k, v in ops.items() if _inexact(v)}  # q, k, v and the masks
   grads = jax.tree.map(lambda x: _fresh_zeros(x.shape, x.dtype, bounds[0]), floats)
-  for i, size in enumerate(sizes):
 
-    def group(g, grads, size=size):
-      images = groups[g]
-      cut = _cut(ops, size, images)
-      ys, vjp = jax.vjp(lambda f: _call(fn, cut | f), {k: cut[k] for k in floats})
-      (d,) = vjp(tuple(ct[images, : y.shape[1]] for ct, y in zip(cts, ys, strict=True)))
-      return {k: jax.tree.map(lambda a, x, k=k: a.at[images, _rows(ops, k, size)].add(
-                                x, unique_indices=True), grads[k], d[k])
-              for k in grads}  # fmt: skip
+  def group(size, g, grads):
+    images = groups[g]
+    cut = _cut(ops, size, images)
+    ys, vjp = jax.vjp(lambda f: _call(fn, cut | f), {k: cut[k] for k in floats})
+    (d,) = vjp(tuple(ct[images, : y.shape[1]] for ct, y in zip(cts, ys, strict=True)))
+    return {k: jax.tree.map(lambda a, x, k=k: a.at[images, _rows(ops, k, size)].add(
+                              x, unique_indices=True), grads[k], d[k])
+            for k in grads}  # fmt: skip
 
-    grads = jax.lax.fori_loop(bounds[i], bounds[i + 1], group, grads)
+  grads = _loops_per_size(sizes, bounds, group, grads)
   none = {k: jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), v)
           for k, v in ops.items() if k not in floats}  # fmt: skip
   return (grads | none,)
