@@ -124,7 +124,8 @@ def static_ceiling(model: nnx.Module, kept: np.ndarray, images: jax.Array) -> Ca
     m = nnx.merge(graphdef, state)
     h = m.embed(x)  # [1, N, C]
     for block, n in zip(m.blocks, kept.tolist(), strict=True):
-      q, k, v = (block.attn.heads(t) for t in vit._qkv((block.norm1, block.attn.qkv), h))
+      qkv = vit._qkv((block.norm1, block.attn.qkv), h)[0]
+      q, k, v = (block.attn.heads(t) for t in vit.split_qkv(qkv))
       out = attention_ops.softmax_attention(q[:, :, :n], k, v)
       (h,) = vit._residuals((block.attn.proj, block.norm2, block.mlp), out, h[:, :n])
     return m.head_logits(h)
