@@ -4,7 +4,8 @@ For each model and batch size: our Flax model dense, with ATS (the original's se
 cap 197) in packed execution (the default) and in padded execution, and timm's dense model with the
 same weights. Images are real photos (`experiments.photos`, DeiT's eval transform): noise makes
 every image keep the same tokens and hides ATS's real cost. Each row is compiled once, then the
-rows are timed in alternation, `--repeats` rounds; a row reports its best round.
+rows are timed in alternation, `--repeats` rounds (each of as many calls as fill `MIN_ROUND_S`); a
+row reports its best round's mean call.
 
 Speed-up is over our dense model; ideal = dense GFLOPs / the row's mean GFLOPs (what the kept tokens
 could buy); efficiency = speed-up / ideal.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -155,6 +157,9 @@ def make_images(batch: int, kind: str) -> np.ndarray:
   return photos.photos(batch)
 
 
+MIN_ROUND_S = 0.25  # a round is as many calls as fill this: one 30 ms call alone is noise-prone
+
+
 def bench_model(
   name: str, batch: int, repeats: int, peak: float, dtype: str, depth: int | None = None
 ) -> list[Row]:
@@ -185,13 +190,18 @@ def bench_model(
     rows['timm dense'] = Row(name, batch, 'timm dense', 0.0, 0.0, rows['jax dense'].kept_tokens,
                              flops.dense_gflops(dense.spec))  # fmt: skip
   best = {impl: float('inf') for impl in runners}
-  for run in runners.values():
+  calls = {}
+  for impl, run in runners.items():
     run()  # warm-up: caches, allocator
+    start = time.perf_counter()
+    run()
+    calls[impl] = math.ceil(MIN_ROUND_S / (time.perf_counter() - start))  # at least 1
   for _ in range(repeats):
     for impl, run in runners.items():  # alternated, so drifts of the machine hit every row
       start = time.perf_counter()
-      run()
-      best[impl] = min(best[impl], time.perf_counter() - start)
+      for _ in range(calls[impl]):
+        run()
+      best[impl] = min(best[impl], (time.perf_counter() - start) / calls[impl])
   for impl, row in rows.items():
     row.ms_per_batch = 1e3 * best[impl]
     row.images_per_sec = batch / best[impl]
