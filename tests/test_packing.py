@@ -71,7 +71,8 @@ def test_stream_indices_read_real_slots_image_after_image_and_write_the_rest_out
 @pytest.mark.parametrize('num_chunks', [1, 3, 64])
 def test_token_map_in_chunks_applies_fn_to_real_tokens_only_with_its_gradient(num_chunks):
   """Totals that fill 1 to all chunks; padded slots hold inf or NaN and get 0 out and 0 gradient;
-  each token sees its own image's row of a per-image input, which gets its tokens' gradients."""
+  each token sees its own image's row of a per-image input, which gets its tokens' gradients. The
+  28 slots are one chunk: the full batch runs padded (`FULL_FRACTION`), the others packed."""
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
 
@@ -86,6 +87,7 @@ def test_token_map_in_chunks_applies_fn_to_real_tokens_only_with_its_gradient(nu
     out = jnp.where(mask[..., None], fn(w, x, y, z[:, None])[0], 0)
     return jnp.sum(out * jnp.arange(5.0)), out
 
+  assert 14 / 28 < packing.FULL_FRACTION < 1
   for counts in ([1, 1, 1, 1], [4, 2, 7, 1], [7, 7, 7, 7]):
     mask = jnp.asarray(np.arange(7)[None] < np.asarray(counts)[:, None])  # [4, 7]
     x = jnp.asarray(rng.standard_normal((4, 7, 3)), jnp.float32)
@@ -172,8 +174,9 @@ def count_control_flow(jaxpr) -> collections.Counter:
 
 @pytest.mark.parametrize('batch', [2, 40])
 def test_each_masked_section_is_one_loop_and_its_tail_or_one_switch(batch):
-  """Per per-token section after the first ATS block: a loop over whole chunks (a cond where the
-  stream holds one chunk at most) and a cond per tail size; per attention from the first ATS block
+  """Per per-token section after the first ATS block: a loop over whole chunks (where the stream
+  holds one chunk at most, a cond, and one more between padded and packed) and a cond per tail
+  size; per attention from the first ATS block
   on, one switch in a small batch, one loop per ladder size (over the groups of 4 images of that
   size) in a large batch; none before, none in padded execution."""
   padded, packed = pair(ats_blocks=(1,), num_tokens=12)
@@ -192,7 +195,7 @@ def test_each_masked_section_is_one_loop_and_its_tail_or_one_switch(batch):
   sizes = packing.ladder(12, packed.attention_sizes)
   assert sizes == (8, 12)
   expected = (
-    {'cond': attentions + sections * (1 + len(tail))}
+    {'cond': attentions + sections * (2 + len(tail))}
     if batch == 2
     else {'while': sections + attentions * len(sizes), 'cond': sections * len(tail)}
   )
