@@ -176,9 +176,9 @@ def count_control_flow(jaxpr) -> collections.Counter:
 def test_each_masked_section_is_one_loop_and_its_tail_or_one_switch(batch):
   """Per per-token section after the first ATS block: a loop over whole chunks (where the stream
   holds one chunk at most, a cond, and one more between padded and packed) and a cond per tail
-  size; per attention from the first ATS block
-  on, one switch in a small batch, one loop per ladder size (over the groups of 4 images of that
-  size) in a large batch; none before, none in padded execution."""
+  size; per attention from the first ATS block on, one switch in a small batch, one loop per ladder
+  size (over the groups of 4 images of that size) in a large batch; none before, none in padded
+  execution."""
   padded, packed = pair(ats_blocks=(1,), num_tokens=12)
   images = jnp.zeros((batch, 32, 32, 3))
   count = {}
