@@ -5,7 +5,8 @@ cap 197) in packed execution (the default) and in padded execution, and timm's d
 same weights. Images are real photos (`experiments.photos`, DeiT's eval transform): noise makes
 every image keep the same tokens and hides ATS's real cost. Each row is compiled once, then the
 rows are timed in alternation, `--repeats` rounds (each of as many calls as fill `MIN_ROUND_S`); a
-row reports its best round's mean call.
+row reports its best round's mean call, and its spread: how far its median round lies above that
+(the machine's noise; a 2-core cloud VM varied by 20% within a minute).
 
 Speed-up is over our dense model; ideal = dense GFLOPs / the row's mean GFLOPs (what the kept tokens
 could buy); efficiency = speed-up / ideal.
@@ -22,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
+import re
 import time
 from collections.abc import Callable
 
@@ -77,6 +80,7 @@ class Row:
   speedup: float = 0.0  # over jax dense
   ideal: float = 0.0  # dense GFLOPs / this row's GFLOPs
   efficiency: float = 0.0  # speedup / ideal
+  spread: float = 0.0  # the median round over the best, minus 1: how noisy the machine was
 
 
 def random_timm(name: str, peak: float, depth: int | None = None) -> torch.nn.Module:
@@ -189,7 +193,7 @@ def bench_model(
     runners['timm dense'] = torch_runner(reference, images, dtype)
     rows['timm dense'] = Row(name, batch, 'timm dense', 0.0, 0.0, rows['jax dense'].kept_tokens,
                              flops.dense_gflops(dense.spec))  # fmt: skip
-  best = {impl: float('inf') for impl in runners}
+  rounds = {impl: [] for impl in runners}
   calls = {}
   for impl, run in runners.items():
     run()  # warm-up: caches, allocator
@@ -201,36 +205,53 @@ def bench_model(
       start = time.perf_counter()
       for _ in range(calls[impl]):
         run()
-      best[impl] = min(best[impl], (time.perf_counter() - start) / calls[impl])
+      rounds[impl].append((time.perf_counter() - start) / calls[impl])
+  best = {impl: min(times) for impl, times in rounds.items()}
   for impl, row in rows.items():
     row.ms_per_batch = 1e3 * best[impl]
     row.images_per_sec = batch / best[impl]
     row.speedup = best['jax dense'] / best[impl]
     row.ideal = rows['jax dense'].gflops / row.gflops
     row.efficiency = row.speedup / row.ideal
+    row.spread = float(np.median(rounds[impl])) / best[impl] - 1
   return list(rows.values())
 
 
 def table(rows: list[Row]) -> str:
   lines = [
     '| model | batch | impl | images/s | ms/batch | speed-up | ideal | efficiency | compile s '
-    '| kept tokens | GFLOPs/img |',
-    '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+    '| kept tokens | GFLOPs/img | spread |',
+    '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for r in rows:
     lines.append(
       f'| {r.model} | {r.batch} | {r.impl} | {r.images_per_sec:.1f} | {r.ms_per_batch:.1f} '
       f'| {r.speedup:.2f}x | {r.ideal:.2f}x | {100 * r.efficiency:.0f}% | {r.compile_s:.1f} '
-      f'| {r.kept_tokens:.1f} | {r.gflops:.2f} |'
+      f'| {r.kept_tokens:.1f} | {r.gflops:.2f} | {100 * r.spread:.0f}% |'
     )
   return '\n'.join(lines)
+
+
+def cpu_name() -> str:
+  """The CPU's model, its widest vector instructions and its core count: timings differ by several
+  tens of percent between machines (AVX-512 or AVX2) that `platform.processor()` names alike."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      info = f.read()
+  except OSError:
+    return f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores'
+  model = re.search(r'^model name\s*:\s*(.*)$', info, re.M)
+  flags = re.search(r'^flags\s*:(.*)$', info, re.M)
+  flags = set(flags.group(1).split()) if flags else set()
+  isa = 'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else platform.machine()
+  return f'{model.group(1) if model else platform.machine()}, {isa}, {os.cpu_count()} cores'
 
 
 def describe_machine() -> str:
   device = jax.devices()[0]
   torch_device = 'cuda' if torch.cuda.is_available() else f'cpu, {torch.get_num_threads()} threads'
   return (
-    f'{device.platform} ({device.device_kind}, {platform.processor() or platform.machine()}), '
+    f'{device.platform} ({device.device_kind}, {cpu_name()}), '
     f'jax {jax.__version__}, torch {torch.__version__} on {torch_device}; {_DTYPE.value}; '
     f'{_IMAGES.value}; weights random{f", q and k x{_PEAK.value:g}" if _PEAK.value else ""}'
   )

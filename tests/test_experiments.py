@@ -69,6 +69,7 @@ def test_benchmark_rows_and_their_numbers_agree(tmp_path):
       by['jax dense']['gflops'] / r['gflops']
     )
     assert r['efficiency'] == pytest.approx(r['speedup'] / r['ideal'])
+    assert r['spread'] == 0  # one round: its median is its best
   assert proc.stdout.count(f'| {name} |') == len(rows)
 
 
