@@ -21,8 +21,9 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from ats_jax import flops, runtime, zoo
-from ats_jax.models import CheckpointError, create_model
+from ats_jax.errors import CheckpointError, InputError
+from ats_jax.models import create_model, flops, zoo
+from ats_jax.training import runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file.', lock_config=True
@@ -33,7 +34,7 @@ MODES = ('train', 'evaluate', 'describe')
 
 def describe(config: ml_collections.ConfigDict) -> None:
   """Prints the zoo, then builds the configured model and times one jitted forward pass."""
-  from ats_jax import train
+  from ats_jax.training import train
 
   print(zoo.zoo_table(), end='\n\n')
   model = create_model(
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> None:
     sys.exit('error: training needs --workdir (checkpoints, metrics and results go there)')
   runtime.quiet_native_logs(verbose=flags.FLAGS.verbosity > 0)
   runtime.quiet_library_logs(os.path.abspath(__file__))
-  from ats_jax import input_pipeline, train  # after quieting: they load TensorFlow
+  from ats_jax.training import train  # after quieting: they load TensorFlow
 
   cache = runtime.enable_compile_cache(config.compile_cache_dir, config.compile_cache_min_secs)
   try:
@@ -100,7 +101,7 @@ def main(argv: list[str]) -> None:
       results = train.train_and_evaluate(config, workdir)
     else:
       results = train.evaluate_checkpoint(config, workdir)
-  except (CheckpointError, input_pipeline.InputError, ValueError) as e:
+  except (CheckpointError, InputError, ValueError) as e:
     sys.exit(f'error: {e}')
   runtime.log_cache_use(cache)
   if results is not None:

@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Parameters, logits and ATS scores stay float32.
   config.dtype = 'auto'
 
-  # Data (`ats_jax/input_pipeline.py`).
+  # Data (`ats_jax/data/input_pipeline.py`).
   config.data = ml_collections.ConfigDict()
   config.data.name = 'imagenet2012'  # 'digits' (embedded), 'folder' (ILSVRC2012 layout), or TFDS
   config.data.data_dir = ''  # TFDS data_dir, or for 'folder' the root holding train/ and val/

@@ -26,7 +26,9 @@ import ml_collections
 from absl import app, flags
 from flax import nnx
 
-from ats_jax import flops, input_pipeline, sharding, train
+from ats_jax.data import input_pipeline
+from ats_jax.models import flops
+from ats_jax.training import sharding, train
 from experiments import trained
 
 matplotlib.use('Agg')

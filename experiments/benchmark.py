@@ -37,10 +37,9 @@ import torch
 from absl import app, flags
 from flax import nnx
 
-from ats_jax import flops
-from ats_jax.models import create_model, vit
+from ats_jax.convert.timm import timm_to_flax
+from ats_jax.models import create_model, flops, vit
 from ats_jax.models.factory import load_params
-from ats_jax.models.timm_convert import timm_to_flax
 from ats_jax.ops import attention as attention_ops
 from experiments import photos
 

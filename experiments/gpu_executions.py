@@ -27,7 +27,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from ats_jax.ops import attention, packing, token_sampling
+from ats_jax.layout import packing
+from ats_jax.ops import attention, token_sampling
 from experiments import benchmark, photos
 
 _PLAN = flags.DEFINE_multi_string('plan', ['256:dense+padded+packed 8'], 'batch:variant+...')

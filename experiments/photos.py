@@ -3,8 +3,8 @@
 Noise makes every image keep about the same tokens and hides what ATS really costs: a batch of real
 photos mixes busy and plain images. The photos ship inside scikit-image and scikit-learn (nothing is
 downloaded); past them come random square crops and mirror images, deterministic in `seed`. The
-transform is timm's own path (`ats_jax.images.eval_transform`: PIL bicubic resize of the short side
-to size / 0.875, centre crop, ImageNet mean/std), so this module needs no TensorFlow.
+transform is timm's own path (`ats_jax.data.images.eval_transform`: PIL bicubic resize of the short
+side to size / 0.875, centre crop, ImageNet mean/std), so this module needs no TensorFlow.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from ats_jax.images import eval_transform
+from ats_jax.data.images import eval_transform
 
 # scikit-image's bundled photographs (RGB and greyscale, 191 to 1,411 px), scenes and textures.
 SKIMAGE_PHOTOS = (

@@ -139,7 +139,7 @@ def our_config(root: str, batch: int):
 
 
 def our_batches(config, train: bool) -> Iterator:
-  from ats_jax import input_pipeline
+  from ats_jax.data import input_pipeline
 
   if train:
     return input_pipeline.train_batches(config, image_size=SIZE)
@@ -160,7 +160,7 @@ def timed(make: Callable[[], Iterator], num_batches: int, batch: int) -> float:
 
 def main(argv: list[str]) -> None:
   del argv
-  from ats_jax import runtime
+  from ats_jax.training import runtime
 
   runtime.quiet_library_logs()
   _posterize_as_old_pillow()

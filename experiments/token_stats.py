@@ -18,8 +18,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from ats_jax import flops
-from ats_jax.models import create_model, vit
+from ats_jax.models import create_model, flops, vit
 from experiments import photos
 
 _MODEL = flags.DEFINE_string('model', 'deit_small_patch16_224', 'Registered variant.')

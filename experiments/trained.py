@@ -14,13 +14,15 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from ats_jax import input_pipeline, train
-from ats_jax.models import CheckpointError, VisionTransformer, create_model
+from ats_jax.data import input_pipeline
+from ats_jax.errors import CheckpointError, InputError
+from ats_jax.models import VisionTransformer, create_model
+from ats_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'digits_ats.py')
 DEFAULT_WORKDIR = 'workdir/digits'  # where `make demo` trains, relative to the repository root
-ERRORS = (CheckpointError, input_pipeline.InputError, FileNotFoundError, ValueError)
+ERRORS = (CheckpointError, InputError, FileNotFoundError, ValueError)
 
 
 def define_flags(out: str, out_help: str) -> None:

@@ -9,7 +9,8 @@ dropped greyed out, titled with the tokens it kept (cls included, as `stats['kep
 
 Images default to the eval split for the digits model and to scikit-learn's two sample photos
 otherwise. The kept patches are traced with the rows each ATS block reports
-(`ats_jax.token_pictures.trace_tokens`, which `python -m ats_jax.predict --save_tokens` uses too);
+(`ats_jax.tools.token_pictures.trace_tokens`, which `python -m ats_jax.predict --save_tokens`
+uses too);
 the script checks the traced counts against the model's own stats.
 """
 
@@ -25,9 +26,9 @@ import numpy as np
 from absl import app, flags
 from sklearn.datasets import load_sample_images
 
-from ats_jax import input_pipeline, preprocessing
-from ats_jax.images import denormalize, eval_transform, read_image
-from ats_jax.token_pictures import grey_dropped, patch_keep_map, trace_tokens
+from ats_jax.data import input_pipeline, preprocessing
+from ats_jax.data.images import denormalize, eval_transform, read_image
+from ats_jax.tools.token_pictures import grey_dropped, patch_keep_map, trace_tokens
 from experiments import trained
 
 matplotlib.use('Agg')
@@ -39,7 +40,8 @@ FLAGS = flags.FLAGS
 
 
 def load_images(paths: list[str], size: int, crop_pct: float) -> np.ndarray:
-  """Image files, eval-preprocessed as the model's data (PIL, as `ats_jax.predict`): [B, S, S, 3]
+  """Image files, eval-preprocessed as the model's data (PIL, as `python -m ats_jax.predict`):
+  [B, S, S, 3]
   normalised; a file PIL cannot read is a ValueError that names it."""
   return np.stack([eval_transform(read_image(path), size, crop_pct) for path in paths])
 

@@ -13,7 +13,8 @@ import transformers  # a test requirement: a missing reference fails, never skip
 from flax import nnx
 
 import convert.__main__ as convert_cli  # noqa: E402
-from ats_jax.models import create_model, pretrained, registry  # noqa: E402
+from ats_jax.convert import pretrained  # noqa: E402
+from ats_jax.models import create_model, registry
 from tests.conftest import perturbed  # noqa: E402
 
 TINY = dict(

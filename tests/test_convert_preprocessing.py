@@ -12,8 +12,10 @@ import torch
 from flax import nnx
 
 import convert.__main__ as convert_cli
-from ats_jax import device_images, input_pipeline, train
-from ats_jax.models import MODELS, pretrained, registry, vit
+from ats_jax.convert import pretrained
+from ats_jax.data import device_images, input_pipeline
+from ats_jax.models import MODELS, registry, vit
+from ats_jax.training import train
 from configs import default, digits_ats
 from tests.conftest import random_timm_model, timm_logits
 from tests.test_parity import flax_logits

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import convert.__main__ as convert_cli
-from ats_jax.models import pretrained, torch_pickle
+from ats_jax.convert import pretrained, torch_pickle
 from tests.conftest import random_timm_model
 
 NAME = 'deit_tiny_patch16_224'

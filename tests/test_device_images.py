@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from ats_jax import device_images, preprocessing
+from ats_jax.data import device_images, preprocessing
 
 
 def test_normalize_equals_the_pipelines_float_images():

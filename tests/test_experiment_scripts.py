@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from ats_jax import flops
-from ats_jax.models import CheckpointError, create_model, vit
+from ats_jax.models import CheckpointError, create_model, flops, vit
 from configs import digits_ats
 from experiments import accuracy_vs_compute, visualize_tokens
 from tests import ats_reference

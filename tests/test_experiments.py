@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import timm
 
-from ats_jax import flops
-from ats_jax.models import get_spec
+from ats_jax.models import flops, get_spec
 from experiments import photos
 
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import timm
 
-from ats_jax import flops, zoo
-from ats_jax.models import MODELS, get_spec
+from ats_jax.models import MODELS, flops, get_spec, zoo
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from timm.data import create_transform
 
-from ats_jax import device_images, images, input_pipeline, preprocessing
+from ats_jax.data import device_images, images, input_pipeline, preprocessing
 from configs import default
 
 SIZE = 16  # the train and TFDS checks: the decode is what they test, not the resize
@@ -187,7 +187,8 @@ def test_folder_evaluates_to_timms_top1_on_the_same_weights(photo_dir):
   import torch
   from flax import nnx
 
-  from ats_jax.models import create_model, load_params, pretrained
+  from ats_jax.convert import pretrained
+  from ats_jax.models import create_model, load_params
   from tests.conftest import random_timm_model
 
   name = 'deit_tiny_patch16_224'

@@ -14,8 +14,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from timm.data.distributed_sampler import RepeatAugSampler
 
-from ats_jax import input_pipeline, preprocessing
-from ats_jax.input_pipeline import DatasetInfo, InputError
+from ats_jax.data import input_pipeline, preprocessing
+from ats_jax.data.input_pipeline import DatasetInfo, InputError
 from configs import default
 
 SIZE = 16  # tiny images keep the file fast; the pipeline is the same at 224

@@ -79,7 +79,7 @@ def test_bad_config_values_are_one_line_errors(tmp_path, monkeypatch, request):
   from absl import logging as absl_logging
 
   import main
-  from ats_jax import runtime
+  from ats_jax.training import runtime
   from configs import deit_t, digits_ats
 
   monkeypatch.setattr(runtime, 'enable_compile_cache', lambda *args: None)  # not in this process

@@ -11,8 +11,9 @@ import optax
 import pytest
 from flax import nnx
 
-from ats_jax import mixup, optim, train
+from ats_jax.data import mixup
 from ats_jax.models import vit
+from ats_jax.training import optim, train
 from configs import default, digits_ats
 
 

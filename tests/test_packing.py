@@ -12,9 +12,9 @@ import optax
 import pytest
 from flax import nnx
 
+from ats_jax.layout import packing
 from ats_jax.models import create_model
 from ats_jax.models import vit as vit_lib
-from ats_jax.ops import packing
 from experiments.photos import photos
 from tests.test_ats import TINY, perturb
 

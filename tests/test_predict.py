@@ -14,8 +14,9 @@ import timm
 import torch
 from PIL import Image
 
-from ats_jax import flops, images, predict
-from ats_jax.models import get_spec
+from ats_jax.data import images
+from ats_jax.models import flops, get_spec
+from ats_jax.tools import predict
 from tests.conftest import random_timm_model
 from tests.test_train import ENV
 

@@ -24,7 +24,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import InterpolationMode
 
-from ats_jax import preprocessing, randaugment
+from ats_jax.data import preprocessing, randaugment
 
 
 @pytest.fixture(scope='module')

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ats_jax import runtime, sharding, train
 from ats_jax.models import vit
+from ats_jax.training import runtime, sharding, train
 from tests.test_train import ENV, TINY_FLAGS, tiny_config
 
 

@@ -20,8 +20,9 @@ from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
 
 import convert.__main__ as convert_cli
-from ats_jax import device_images, input_pipeline, optim, sharding, train
+from ats_jax.data import device_images, input_pipeline
 from ats_jax.models import vit
+from ats_jax.training import optim, sharding, train
 from configs import digits_ats
 from tests.conftest import random_timm_model
 from tests.test_parity import save

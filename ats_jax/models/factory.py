@@ -9,8 +9,9 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
-from ats_jax.models import pretrained, registry, vit
-from ats_jax.models.timm_convert import CheckpointError
+from ats_jax.convert import pretrained
+from ats_jax.errors import CheckpointError
+from ats_jax.models import registry, vit
 
 
 def create_model(

@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ats_jax import flops
-from ats_jax.models import ats
+from ats_jax.layout import packing
+from ats_jax.models import ats, flops
 from ats_jax.models.registry import ViTSpec
 from ats_jax.ops import attention as attention_ops
-from ats_jax.ops import packing, token_sampling
+from ats_jax.ops import token_sampling
 
 LAYER_NORM_EPS = 1e-6  # timm's ViT LayerNorm, not PyTorch's 1e-5 default.
 EXECUTIONS = ('auto', 'packed', 'padded')  # how blocks after the first ATS block run (`packing`)
@@ -72,7 +72,7 @@ class PatchEmbed(nnx.Module):
 class Attention(nnx.Module):
   """Multi-head self-attention's parameters (timm's `attn.qkv`, `attn.proj`).
 
-  The block runs it in pieces: `qkv` and `proj` are per-token work (`ats_jax.ops.packing`), the
+  The block runs it in pieces: `qkv` and `proj` are per-token work (`ats_jax.layout.packing`), the
   weights between them per image (`ats_jax.ops.attention`).
   """
 
@@ -136,7 +136,7 @@ class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
   With `sampling` set it is an ATS block (`ats_jax.models.ats`): same parameters, fewer tokens out.
-  Per-token work runs padded or packed (`pack_chunks`, `ats_jax.ops.packing`), attention per image.
+  Per-token work runs padded or packed (`ats_jax.layout`), attention per image.
   """
 
   def __init__(
@@ -170,7 +170,7 @@ class Block(nnx.Module):
     `pack_chunks` > 0 runs per-token work packed, in chunks of B*N / pack_chunks rows (at least
     256, the rest in pieces of 16-row multiples), 0 padded;
     `attention_sizes` > 0 runs attention on the fewest slots that hold the tokens of the fullest
-    image of each group of `packing.ATTENTION_GROUP` (`ats_jax.ops.packing`). An ATS block scores
+    image of each group of `packing.ATTENTION_GROUP` (`ats_jax.layout.packing`). An ATS block scores
     its tokens with the cls row of attention, then attends the rows it keeps alone.
     `drop` [B, 2]: the per-image scales of the attention and MLP residuals (stochastic depth),
     None at eval. `return_rows` also returns the input slot of each output slot [B, K].
@@ -231,7 +231,7 @@ class VisionTransformer(nnx.Module):
   `execution='packed'` runs per-token work on the batch's real tokens only, packed into one stream
   in chunks of 1 / `pack_chunks` of its slots (at least 256 rows, the rest in pieces of 16-row
   multiples), and attention, per group of `packing.ATTENTION_GROUP` images, on the fewest of
-  `attention_sizes` slot counts that hold the group's fullest image (`ats_jax.ops.packing`);
+  `attention_sizes` slot counts that hold the group's fullest image (`ats_jax.layout.packing`);
   'padded' runs every slot; 'auto' (default) is `resolve_execution`'s choice. All give the same
   predictions. `drop_path_rate`: stochastic depth (timm's linear rule over the blocks), active only
   when the forward gets an `rng`.
@@ -336,7 +336,7 @@ class VisionTransformer(nnx.Module):
     """Logits [B, classes] for NHWC images; with `return_stats` also the tokens each image kept.
 
     stats['kept_tokens'] [B, depth] int: real tokens entering each block's MLP (prefix included).
-    stats['gflops'] [B]: the image's cost at the tokens it kept (`ats_jax.flops`).
+    stats['gflops'] [B]: the image's cost at the tokens it kept (`ats_jax.models.flops`).
     `rng` (training): drops residual branches per image with `drop_path_rate`.
     """
     # The residual stream stays float32 (as under torch.autocast): only the layers compute in dtype

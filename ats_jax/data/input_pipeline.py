@@ -51,16 +51,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from ats_jax import preprocessing
+from ats_jax.data import preprocessing
+from ats_jax.errors import InputError
 from ats_jax.models import registry
 
 BUILTIN_NAMES = ('digits', 'folder')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-case: ImageNet's are '.JPEG'
 DIGITS_SPLITS = {'train': slice(0, 1437), 'validation': slice(1437, None)}
-
-
-class InputError(ValueError):
-  """A data problem the user must fix (path, dataset, split, image file, batch size); one line."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ats_jax.errors import CheckpointError
 from ats_jax.models import registry
-from ats_jax.models.timm_convert import CheckpointError
 
 CONFIG_FILE = 'config.json'
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')

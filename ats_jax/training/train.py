@@ -26,19 +26,12 @@ from clu import parameter_overview
 from etils import epath
 from flax import nnx
 
-from ats_jax import (
-  checkpointing,
-  device_images,
-  enable,
-  input_pipeline,
-  mixup,
-  optim,
-  runtime,
-  sharding,
-)
-from ats_jax.models import create_model, pretrained, vit
+from ats_jax.convert import pretrained
+from ats_jax.data import device_images, input_pipeline, mixup
+from ats_jax.errors import CheckpointError
+from ats_jax.models import create_model, enable, vit
 from ats_jax.models.factory import load_params
-from ats_jax.models.timm_convert import CheckpointError
+from ats_jax.training import checkpointing, optim, runtime, sharding
 
 HEADS = ('head', 'head_dist')  # re-initialised when fine-tuning to another class count
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ats_jax import flops
-from ats_jax.models import registry, vit
+from ats_jax.models import flops, registry, vit
 
 
 def num_params(name: str) -> int:

@@ -42,7 +42,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ats_jax.ops import token_sampling
-from ats_jax.sharding import DATA_AXIS
+from ats_jax.training.sharding import DATA_AXIS
 
 MIN_CHUNK = 256  # rows a loop step at least: small products run far below a core's peak
 ALIGN = 16  # rows: the stream runs to its total rounded up to a multiple of this

@@ -21,13 +21,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ats_jax.models import big_vision, hf_convert, registry, torch_pickle, vit
-from ats_jax.models.timm_convert import (
-  CheckpointError,
+from ats_jax.convert import big_vision, torch_pickle
+from ats_jax.convert import hf as hf_convert
+from ats_jax.convert.timm import (
   infer_model_name,
   resize_pos_embed,
   timm_to_flax,
 )
+from ats_jax.errors import CheckpointError
+from ats_jax.models import registry, vit
 
 METADATA_FILE = 'ats_jax.json'
 PARAMS_DIR = 'params'

@@ -12,13 +12,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ats_jax.errors import CheckpointError
 from ats_jax.models import registry
 
 Shapes = Mapping[str, tuple[int, ...]]
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot serve the requested model; the message names the problem."""
 
 
 def flax_to_timm_key(flax_key: str) -> str:

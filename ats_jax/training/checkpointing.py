@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ats_jax import runtime
+from ats_jax.training import runtime
 
 
 class Checkpointer:

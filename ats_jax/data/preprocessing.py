@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from ats_jax import images, randaugment
+from ats_jax.data import images, randaugment
 from ats_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ats_jax.models.timm_convert import CheckpointError
+from ats_jax.errors import CheckpointError
 
 _PREFIXES = ('opt/target/', 'params/', 'params/img/')
 

@@ -1,0 +1,1 @@
+"""Input: tf.data pipelines (folders, TFDS, digits), PIL and TF preprocessing, augmentation."""

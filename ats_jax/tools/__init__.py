@@ -1,0 +1,1 @@
+"""User-facing tools built on the library: `predict` (classify photos) and token pictures."""

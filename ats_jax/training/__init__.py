@@ -1,0 +1,1 @@
+"""Training and evaluation: pure steps, the loop, optimiser, sharding, checkpoints, runtime."""
