@@ -18,13 +18,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ''  # train: fine-tune from these weights (same formats); '' = from scratch
   config.ats_blocks = ()  # indices of the blocks whose attention samples tokens; () = dense
   config.num_tokens = (197.0,)  # cap K per ATS block (one for all, or one each); <= 1 is a ratio
-  # After the first ATS block: 'packed' runs per-token work on the batch's real tokens only, one
-  # stream, in chunks, as many as its tokens fill (cost follows the mean kept tokens); 'padded'
-  # runs every slot (fixed cost); 'auto': packed, but padded on GPUs (faster there, measured).
-  # Same predictions and gradients.
+  # How blocks after the first ATS block run (`ats_jax.layout.Execution`, docs/execution.md):
+  # 'budgeted' runs per-token work on a static budget of rows per block, one product per layer,
+  # no loops (GPUs, TPUs); 'packed' on the batch's real tokens in chunks (CPUs); 'padded' on every
+  # slot; 'auto': budgeted on GPU/TPU, packed on CPU. Same predictions and gradients.
   config.execution = 'auto'
   config.pack_chunks = 64  # loop steps of B*N / pack_chunks rows (>= 256); the rest in 16-row units
   config.attention_sizes = 6  # attention runs on the fewest of these slot counts; 1: one size
+  # budgeted: per block, stream rows per device (multiples of 128; None: padded); () calibrates
+  # from the first batch and follows the data (`ats_jax.layout.budgets`)
+  config.budgets = ()
   config.drop_path = 0.1  # stochastic depth in training (DeiT's), timm's linear rule over blocks
   # Computation dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU; or 'float32', 'bfloat16'.
   # Parameters, logits and ATS scores stay float32.

@@ -8,10 +8,8 @@ dropped greyed out, titled with the tokens it kept (cls included, as `stats['kep
   python -m experiments.visualize_tokens --images=a.jpg,b.png --out=/tmp/tokens --json=/tmp/t.json
 
 Images default to the eval split for the digits model and to scikit-learn's two sample photos
-otherwise. The kept patches are traced with the rows each ATS block reports
-(`ats_jax.tools.token_pictures.trace_tokens`, which `python -m ats_jax.predict --save_tokens`
-uses too);
-the script checks the traced counts against the model's own stats.
+otherwise. The kept patches are the model's own record of them (`stats['kept_ids']`, which
+`python -m ats_jax.predict --save_tokens` draws too).
 """
 
 from __future__ import annotations
@@ -24,11 +22,12 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 from absl import app, flags
+from flax import nnx
 from sklearn.datasets import load_sample_images
 
 from ats_jax.data import input_pipeline, preprocessing
 from ats_jax.data.images import denormalize, eval_transform, read_image
-from ats_jax.tools.token_pictures import grey_dropped, patch_keep_map, trace_tokens
+from ats_jax.tools.token_pictures import grey_dropped, patch_keep_map
 from experiments import trained
 
 matplotlib.use('Agg')
@@ -101,12 +100,9 @@ def run(
   blocks = [i for i, b in enumerate(model.blocks) if b.sampling is not None]
   if not blocks:
     raise ValueError('the model has no ATS block: set --config.ats_blocks')
-  traced = jax.device_get(trace_tokens(model, jnp.asarray(images)))
-  kept_ids = traced['kept_ids']
-  counts = np.stack([(ids >= 0).sum(-1) for ids in kept_ids], axis=1)  # [B, ATS blocks]
-  model_counts = traced['model_kept_tokens'][:, blocks]
-  if not np.array_equal(counts, model_counts):
-    raise AssertionError(f'traced kept tokens {counts} differ from the model {model_counts}')
+  forward = nnx.jit(lambda m, x: m(x, return_stats=True))
+  _, stats = jax.device_get(forward(model, jnp.asarray(images)))
+  kept_ids, counts = stats['kept_ids'], stats['kept_tokens'][:, blocks]  # counts [B, ATS blocks]
   os.makedirs(os.path.dirname(png) or '.', exist_ok=True)
   draw(images, names, kept_ids, counts, blocks, model, png)
   return {
@@ -114,7 +110,6 @@ def run(
     'ats_blocks': blocks,
     'images': names,
     'kept_tokens': counts.tolist(),
-    'model_kept_tokens': model_counts.tolist(),
     'kept_token_ids': [
       [ids[r][ids[r] >= 0].tolist() for ids in kept_ids] for r in range(len(names))
     ],

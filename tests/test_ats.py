@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ats_jax import backend
 from ats_jax.models import create_model
 from ats_jax.models import vit as vit_lib
 from ats_jax.models.ats import Sampling, sampling_plan, token_cap
@@ -53,7 +54,7 @@ def test_ats_block_equals_numpy_reference(scale_qk, num_prefix, cap):
   mask[3, 40:] = 0
   x *= mask[..., None]
 
-  got_x, got_mask = jax.jit(lambda x, m: block(x, m))(x, mask)
+  got_x, got_mask, _ = jax.jit(lambda x, m: block(x, m))(x, mask)
   for i in range(4):
     ref_x, ref_mask, _ = ats_reference.ats_block(
       params, x[i].astype(np.float64), mask[i].astype(np.float64), heads, sampling.cap,
@@ -94,9 +95,9 @@ def test_sampling_equals_numpy_reference(kind):
     assert sampled(masked, real, grid, max_kept) == expected, trial
 
 
-def test_gpus_unrolled_searches_sample_the_same_tokens(monkeypatch):
-  """GPUs take the binary searches unrolled (`search_method`), other backends as a loop: the same
-  picks, here traced both ways on this CPU over images of every fill."""
+def test_gpus_unrolled_searches_sample_the_same_tokens():
+  """GPUs and budgeted execution take the binary searches unrolled, other backends as a loop
+  (`ats_jax.backend.search_method`): the same picks, over images of every fill."""
   rng = np.random.default_rng(1)
   scores = np.exp(rng.standard_normal((64, 196)) * 6)
   real = rng.random((64, 196)) < rng.uniform(0.05, 1.0, (64, 1))
@@ -105,17 +106,20 @@ def test_gpus_unrolled_searches_sample_the_same_tokens(monkeypatch):
   scores = jnp.asarray(scores / scores.sum(-1, keepdims=True), jnp.float32)
   real = jnp.asarray(real)
 
-  def loops() -> int:  # while loops in the lowered program (XLA's own loops)
-    sample = jax.jit(lambda s, r: token_sampling.sample_tokens(s, r, 196, 60))
-    return sample.lower(scores, real).as_text().count('stablehlo.while')
+  def sample(search):
+    return jax.jit(lambda s, r: token_sampling.sample_tokens(s, r, 196, 60, search=search))
 
-  assert token_sampling.search_method() == 'scan' and loops() > 0
-  expected = _sample_tokens(scores, real, 196, 60)
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert token_sampling.search_method() == 'scan_unrolled' and loops() == 0
-  got = jax.jit(lambda s, r: token_sampling.sample_tokens(s, r, 196, 60))(scores, real)
+  def loops(search) -> int:  # while loops in the lowered program (XLA's own loops)
+    return sample(search).lower(scores, real).as_text().count('stablehlo.while')
+
+  assert loops('scan') > 0 and loops('scan_unrolled') == 0
+  expected = sample('scan')(scores, real)
+  got = sample('scan_unrolled')(scores, real)
   for a, b in zip(got, expected, strict=True):
     np.testing.assert_array_equal(a, b)
+  assert backend.search_method('packed') == 'scan' and backend.search_method('budgeted') == (
+    'scan_unrolled'
+  )
   assert 5 < float(expected[1].sum(-1).mean()) < 60  # the cap binds for some images, not all
 
 
@@ -237,11 +241,11 @@ def test_padded_positions_do_not_influence_any_logit(tiny_images):
 
   @nnx.jit
   def tail_logits(model, images, garbage):
-    x, mask = model.blocks[0](model.embed(images))
-    x, mask = model.blocks[1](x, mask)
+    x, mask, _ = model.blocks[0](model.embed(images))
+    x, mask, _ = model.blocks[1](x, mask)
     x = x + garbage * (1 - mask)[..., None]  # fill only the padded slots
     for block in model.blocks[2:]:
-      x, mask = block(x, mask)
+      x, mask, _ = block(x, mask)
     return model.head_logits(x), mask
 
   zeros = jnp.zeros((6, 15, 48))

@@ -1,5 +1,5 @@
-"""The ATS model under data-parallel sharding (each device packing its own images) equals the
-single-device padded run."""
+"""The ATS model under data-parallel sharding (each device laying out its own images, packed or
+budgeted) equals the single-device padded run."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ SCRIPT = textwrap.dedent("""
   import jax, jax.numpy as jnp, numpy as np, optax
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
+  from ats_jax.layout import Execution
   from ats_jax.models import vit
   from experiments.photos import photos
-  from tests.test_ats import TINY, perturb
+  from tests.helpers import TINY, perturb
 
   assert jax.device_count() == 8
   def model(execution):
@@ -37,25 +38,29 @@ SCRIPT = textwrap.dedent("""
     step = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
     (_, (ref_logits, ref_stats)), ref_grads = step(padded, images)  # one device, padded
     sharded = jax.device_put(images, NamedSharding(mesh, P('data')))
-    with jax.set_mesh(mesh):
-      hlo = nnx.jit(loss).lower(packed, sharded).as_text()
-      (_, (logits, stats)), grads = step(packed, sharded)
-    assert 'shard_map' in hlo or 'manual' in hlo, 'packing must run per device'
-    assert len(logits.sharding.device_set) == 8, logits.sharding
-    np.testing.assert_array_equal(stats['kept_tokens'], ref_stats['kept_tokens'])
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
-    # float32 sums in another order (8 partial gradients, then their sum) through large weights
-    for (name, g), r in zip(vit.param_dict(grads).items(), vit.param_dict(ref_grads).values()):
-      r = np.asarray(r[...])
-      np.testing.assert_allclose(np.asarray(g[...]), r, rtol=1e-3, atol=1e-3 * np.abs(r).max(),
-                                 err_msg=f'{n} images: {name}')
-    per_device = np.asarray(stats['kept_tokens'])[:, 1:].reshape(8, n // 8, -1).sum(1)
+    per_device = np.asarray(ref_stats['kept_tokens']).reshape(8, n // 8, -1).sum(1)  # [8, depth]
+    budgeted = model(Execution('budgeted', 'scan_unrolled', budget_align=1,
+                               budgets=(None, *per_device.max(0)[1:].tolist())))  # the fullest
+    for m in (packed, budgeted):
+      with jax.set_mesh(mesh):
+        hlo = nnx.jit(loss).lower(m, sharded).as_text()
+        (_, (logits, stats)), grads = step(m, sharded)
+      assert 'shard_map' in hlo or 'manual' in hlo, 'token layouts must run per device'
+      assert len(logits.sharding.device_set) == 8, logits.sharding
+      assert not bool(stats['overflow'])
+      np.testing.assert_array_equal(stats['kept_tokens'], ref_stats['kept_tokens'])
+      np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
+      # float32 sums in another order (8 partial gradients, then their sum) through large weights
+      for (name, g), r in zip(vit.param_dict(grads).items(), vit.param_dict(ref_grads).values()):
+        r = np.asarray(r[...])
+        np.testing.assert_allclose(np.asarray(g[...]), r, rtol=1e-3, atol=1e-3 * np.abs(r).max(),
+                                   err_msg=f'{n} images, {m.execution.mode}: {name}')
     assert len({tuple(t) for t in per_device.tolist()}) > 1  # devices pack different totals
   print('ok', np.asarray(stats['kept_tokens']).sum())
 """)
 
 
-def test_packed_over_eight_devices_equals_padded_on_one_in_logits_tokens_and_gradients():
+def test_packed_and_budgeted_over_eight_devices_equal_padded_on_one_in_logits_and_gradients():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-c', SCRIPT], capture_output=True, text=True, env=env,
                         check=False)  # fmt: skip

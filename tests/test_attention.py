@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ats_jax import backend
 from ats_jax.ops import attention
 from tests import ats_reference
 
@@ -54,7 +55,7 @@ def test_masked_fused_attention_gives_cudnn_each_images_key_count(monkeypatch):
   """On a GPU in 16-bit floats the masked attention goes to cuDNN with the images' key counts.
   This CPU has no cuDNN: JAX's own XLA attention, given the same arguments, stands in for it, and
   must match the reference's masked softmax in float64 but for its eps terms (1e-6 relative)."""
-  monkeypatch.setattr(attention, 'fused_implementation', lambda dtype: 'cudnn')
+  monkeypatch.setattr(backend, 'attention_implementation', lambda dtype: 'cudnn')
   calls = []
   xla = jax.nn.dot_product_attention
 
@@ -72,7 +73,7 @@ def test_masked_fused_attention_gives_cudnn_each_images_key_count(monkeypatch):
 
 
 @pytest.mark.parametrize(
-  'backend, dtype, expected',
+  'platform, dtype, expected',
   [
     ('gpu', jnp.bfloat16, 'cudnn'),
     ('gpu', jnp.float16, 'cudnn'),
@@ -81,9 +82,9 @@ def test_masked_fused_attention_gives_cudnn_each_images_key_count(monkeypatch):
     ('cpu', jnp.bfloat16, None),
   ],
 )
-def test_cudnn_only_on_gpus_in_16_bit_floats(monkeypatch, backend, dtype, expected):
-  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
-  assert attention.fused_implementation(dtype) == expected
+def test_cudnn_only_on_gpus_in_16_bit_floats(monkeypatch, platform, dtype, expected):
+  monkeypatch.setattr(jax, 'default_backend', lambda: platform)
+  assert backend.attention_implementation(dtype) == expected
 
 
 def test_where_cudnn_is_refused_xla_computes_the_same(monkeypatch):

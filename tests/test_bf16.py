@@ -11,8 +11,8 @@ from experiments.photos import photos
 from experiments.token_stats import sharpen_attention
 
 NAME, ATS_BLOCKS, IMAGES = 'deit_small_patch16_224', tuple(range(3, 12)), 48
-# Padded execution, as bfloat16 runs on GPUs ('auto'); packed keeps padded's tokens and logits
-# (tests/test_packing.py) and compiles several times longer on this CPU.
+# Padded execution: budgeted and packed keep padded's tokens and logits (tests/test_budgeted.py,
+# tests/test_packing.py) and compile longer on this CPU.
 EXECUTION = 'padded'
 
 
@@ -21,7 +21,7 @@ def features(model, images):
   """Pre-head features: the final norm of the cls token [B, C]."""
   x, mask = model.embed(images), None
   for block in model.blocks:
-    x, mask = block(x, mask)
+    x, mask, _ = block(x, mask)
   return model.norm(x)[:, 0]
 
 
@@ -43,7 +43,7 @@ def test_bfloat16_deit_s_keeps_float32_tokens_and_top1_on_real_photos():
     )
   )
   nnx.update(bf16, nnx.state(f32, nnx.Param))
-  assert bf16.dtype == jnp.bfloat16 and f32.execution == bf16.execution == 'padded'
+  assert bf16.dtype == jnp.bfloat16 and f32.execution.mode == bf16.execution.mode == 'padded'
   forward = nnx.jit(lambda m, x: m(x, return_stats=True))
   (a, sa), (b, sb) = forward(f32, images), forward(bf16, images)
   assert b.dtype == jnp.float32

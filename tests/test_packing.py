@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import jax
 import jax.extend
@@ -12,37 +13,39 @@ import optax
 import pytest
 from flax import nnx
 
-from ats_jax.layout import packing
+from ats_jax.layout import Execution, slots, streams, token_map
 from ats_jax.models import create_model
 from ats_jax.models import vit as vit_lib
 from experiments.photos import photos
-from tests.test_ats import TINY, perturb
+from tests.helpers import TINY, perturb
 
 ATS = dict(ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10))
 
 
 def test_attention_ladder_is_geometric_from_an_eighth_never_under_eight_slots():
-  assert packing.ladder(197, 6) == (25, 38, 57, 86, 130, 197)
-  assert packing.ladder(197, 1) == (197,)
-  assert packing.ladder(20, 6) == (8, 9, 14, 20)  # sizes never repeat, none under 8
-  assert packing.ladder(5, 6) == (5,)
+  six, one = Execution(attention_sizes=6), Execution(attention_sizes=1)
+  assert slots.ladder(197, six) == (25, 38, 57, 86, 130, 197)
+  assert slots.ladder(197, one) == (197,)
+  assert slots.ladder(20, six) == (8, 9, 14, 20)  # sizes never repeat, none under 8
+  assert slots.ladder(5, six) == (5,)
 
 
 def test_loop_steps_are_large_products_in_multiples_of_16_rows():
-  assert packing.chunk_rows(197, 64) == 208  # batch 1: the whole stream, up to a multiple of 16
-  assert packing.chunk_rows(32 * 197, 64) == 256  # 98.5 rows would be small products: MIN_CHUNK
-  assert packing.chunk_rows(128 * 197, 64) == 400  # 394 rows, up to a multiple of 16
-  assert packing.chunk_rows(10, 64) == 16
-  assert packing.tail_sizes(400) == [16, 32, 64, 128, 256]
-  assert packing.tail_sizes(256) == [16, 32, 64, 128]
-  assert packing.tail_sizes(16) == []
+  packed = Execution(mode='packed', pack_chunks=64)
+  assert streams.chunk_rows(197, packed) == 208  # batch 1: the whole stream, to a multiple of 16
+  assert streams.chunk_rows(32 * 197, packed) == 256  # 98.5 rows: small products; min_chunk
+  assert streams.chunk_rows(128 * 197, packed) == 400  # 394 rows, up to a multiple of 16
+  assert streams.chunk_rows(10, packed) == 16
+  assert streams.tail_sizes(400, 16) == [16, 32, 64, 128, 256]
+  assert streams.tail_sizes(256, 16) == [16, 32, 64, 128]
+  assert streams.tail_sizes(16, 16) == []
 
 
 @pytest.mark.parametrize('slots', [197, 32 * 197])
 @pytest.mark.parametrize('whole_chunks', [False, True])  # the backward runs whole chunks only
 def test_stream_pieces_cover_the_total_rounded_up_once(slots, whole_chunks):
   """Every row up to the total rounded up to 16 (or to a chunk) runs exactly once, no other."""
-  rows = packing.chunk_rows(slots, 64)
+  rows = streams.chunk_rows(slots, Execution(mode='packed', pack_chunks=64))
   align = rows if whole_chunks else 16
   length = -(-slots // rows) * rows
 
@@ -52,7 +55,7 @@ def test_stream_pieces_cover_the_total_rounded_up_once(slots, whole_chunks):
       return jax.lax.dynamic_update_slice(runs, jax.lax.dynamic_slice(runs, [start], [size]) + 1,
                                           [start])  # fmt: skip
 
-    return packing._stream_pieces(total, length, rows, body, jnp.zeros(length, jnp.int32), align)
+    return streams._stream_pieces(total, length, rows, align, body, jnp.zeros(length, jnp.int32))
 
   totals = {0, 1, 15, 16, 17, rows - 1, rows, rows + 1, 2 * rows + 40, slots - 1, slots}
   for total in sorted(t for t in totals if t <= slots):
@@ -62,32 +65,38 @@ def test_stream_pieces_cover_the_total_rounded_up_once(slots, whole_chunks):
 
 def test_stream_indices_read_real_slots_image_after_image_and_write_the_rest_out_of_bounds():
   mask = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]], bool)
-  source, dest, total = packing.stream_indices(mask, 8)
+  source, dest, total = streams.stream_indices(mask, 8, 'scan')
   assert int(total) == 6
   assert np.asarray(source).tolist() == [0, 1, 2, 4, 8, 9, 0, 0]  # past the total: a real slot
   assert np.asarray(dest).tolist() == [0, 1, 2, 4, 8, 9, 12, 12]  # past the total: dropped
+
+
+class Linear(nnx.Module):
+  def __init__(self, w: jax.Array):
+    self.w = nnx.Param(w)
 
 
 @pytest.mark.parametrize('num_chunks', [1, 3, 64])
 def test_token_map_in_chunks_applies_fn_to_real_tokens_only_with_its_gradient(num_chunks):
   """Totals that fill 1 to all chunks; padded slots hold inf or NaN and get 0 out and 0 gradient;
   each token sees its own image's row of a per-image input, which gets its tokens' gradients. The
-  28 slots are one chunk: the full batch runs padded (`FULL_FRACTION`), the others packed."""
+  28 slots are one chunk: the full batch runs padded (`full_fraction`), the others packed."""
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+  packed = Execution(mode='packed', pack_chunks=num_chunks)
 
-  def fn(w, x, y, z):
-    return (jnp.tanh(x @ w) * y[..., :1] + z,)
+  def fn(linear, x, y, z):
+    return (jnp.tanh(x @ linear.w[...]) * y[..., :1] + z,)
 
   def packed_loss(w, x, y, z, mask):
-    (out,) = packing.token_map(fn, w, x, y, mask=mask, num_chunks=num_chunks, per_image=(z,))
+    (out,) = token_map(fn, Linear(w), x, y, mask=mask, execution=packed, per_image=(z,))
     return jnp.sum(out * jnp.arange(5.0)), out
 
   def reference_loss(w, x, y, z, mask):  # every slot, then padded ones zeroed: no packing at all
-    out = jnp.where(mask[..., None], fn(w, x, y, z[:, None])[0], 0)
+    out = jnp.where(mask[..., None], fn(Linear(w), x, y, z[:, None])[0], 0)
     return jnp.sum(out * jnp.arange(5.0)), out
 
-  assert 14 / 28 < packing.FULL_FRACTION < 1
+  assert 14 / 28 < packed.full_fraction < 1
   for counts in ([1, 1, 1, 1], [4, 2, 7, 1], [7, 7, 7, 7]):
     mask = jnp.asarray(np.arange(7)[None] < np.asarray(counts)[:, None])  # [4, 7]
     x = jnp.asarray(rng.standard_normal((4, 7, 3)), jnp.float32)
@@ -143,15 +152,15 @@ def test_packed_equals_padded_on_real_photos_at_batch_1_to_16_with_one_compilati
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
       used.add(int(np.asarray(sa['kept_tokens'])[:, 1:].sum()) * 10 // (batch * 17 * 3))
   assert len(used) > 1  # batches that fill different sizes of the ladders
-  assert traces.count('packed') == 3  # one compilation per batch size, whatever was kept
+  assert [e.mode for e in traces].count('packed') == 3  # one compilation per batch size
 
 
 @pytest.mark.parametrize('group', [1, 8])
-def test_attention_in_groups_of_any_size_gives_the_same_numbers(monkeypatch, group):
+def test_attention_in_groups_of_any_size_gives_the_same_numbers(group):
   """Attention image by image, or in groups of 8 images (the GPU experiment's setting): sorted by
   token count, each group sized for its fullest image, its rows restored to their images."""
   padded, packed = pair()
-  monkeypatch.setattr(packing, 'ATTENTION_GROUP', group)
+  packed.execution = dataclasses.replace(packed.execution, attention_group=group)
   images = jnp.asarray(photos(16, size=32))
   (a, sa), (b, sb) = (nnx.jit(lambda m, x: m(x, return_stats=True))(m, images)
                       for m in (padded, packed))  # fmt: skip
@@ -185,14 +194,15 @@ def test_each_masked_section_is_one_loop_and_its_tail_or_one_switch(batch):
   for model in (padded, packed):
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s, x, g=graphdef: nnx.merge(g, s)(x))(state, images)
-    count[model.execution] = dict(count_control_flow(jaxpr.jaxpr))
+    count[model.execution.mode] = dict(count_control_flow(jaxpr.jaxpr))
   # block 1 (the first ATS block, 12 kept): attention, residuals; blocks 2, 3: qkv, attention,
   # residuals. Sections of 2 * 12 slots: one 32-row chunk at most, tail 16; of 40 * 12: 256-row
   # chunks, tail 16 to 128.
-  tail = packing.tail_sizes(packing.chunk_rows(batch * 12, packed.pack_chunks))
+  execution = packed.execution
+  tail = streams.tail_sizes(streams.chunk_rows(batch * 12, execution), execution.align)
   assert tail == ([16] if batch == 2 else [16, 32, 64, 128])
   sections, attentions = 1 + 2 * 2, 3
-  sizes = packing.ladder(12, packed.attention_sizes)
+  sizes = slots.ladder(12, execution)
   assert sizes == (8, 12)
   expected = (
     {'cond': attentions + sections * (2 + len(tail))}
@@ -243,18 +253,23 @@ def test_huge_values_in_padded_slots_leave_logits_finite_and_unchanged():
   """Whatever padded slots hold (a padded key's logit far above the row max, inf, NaN), it never
   reaches a real token: no `exp` overflow to inf * 0, no NaN."""
   padded, packed = pair()
+  budgeted = pair()[0]  # budgets that hold these images' 28, 22, 18 tokens, under their slots
+  budgeted.execution = Execution('budgeted', 'scan_unrolled', budgets=(None, 40, 30, 25),
+                                 budget_align=1)  # fmt: skip
   images = jnp.asarray(photos(4, size=32))
 
   @nnx.jit
   def tail(model, images, fill):
-    x, mask = model.blocks[0](model.embed(images))
-    x, mask = model.blocks[1](x, mask)
+    e = model.execution
+    x, mask, _ = model.blocks[0](model.embed(images), execution=e)
+    x, mask, _ = model.blocks[1](x, mask, execution=e, budgets=(e.budget(0), e.budget(1)))
     x = jnp.where(mask[..., None] > 0, x, fill)  # only padded slots
-    for block in model.blocks[2:]:
-      x, mask = block(x, mask, pack_chunks=model.pack_chunks, attention_sizes=model.attention_sizes)
+    for i, block in enumerate(model.blocks[2:], 2):
+      x, mask, _ = block(x, mask, execution=e, budgets=(e.budget(i - 1), e.budget(i)))
     return model.head_logits(x), mask
 
-  for model in (padded, packed):
+  assert not bool(nnx.jit(lambda m, x: m(x, return_stats=True))(budgeted, images)[1]['overflow'])
+  for model in (padded, packed, budgeted):
     clean, mask = tail(model, images, 0.0)
     assert (np.asarray(mask) == 0).any()
     for fill in (1e30, -1e30, np.inf, np.nan):
@@ -292,10 +307,12 @@ def test_deit_s_memory_in_packed_execution_near_padded(train, bound):
   assert temp['packed'] <= bound * temp['padded'], temp
 
 
-def test_auto_execution_is_packed_on_cpu_and_padded_on_gpu(monkeypatch):
-  assert vit_lib.VisionTransformer(**TINY, rngs=nnx.Rngs(0)).execution == 'packed'  # this CPU
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  model = vit_lib.VisionTransformer(**TINY, rngs=nnx.Rngs(0))
-  assert (model.execution, model.pack_chunks, model.attention_sizes) == ('padded', 0, 0)
+def test_auto_execution_is_packed_on_cpu_and_fields_override_it():
+  auto = vit_lib.VisionTransformer(**TINY, rngs=nnx.Rngs(0)).execution  # this CPU
+  assert (auto.mode, auto.search) == ('packed', 'scan')
+  model = vit_lib.VisionTransformer(**TINY, pack_chunks=3, attention_sizes=1, rngs=nnx.Rngs(0))
+  assert (model.execution.pack_chunks, model.execution.attention_sizes) == (3, 1)
+  with pytest.raises(ValueError, match='attention_sizes must be >= 1'):
+    vit_lib.VisionTransformer(**TINY, attention_sizes=0, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='execution must be one of'):
     vit_lib.VisionTransformer(**TINY, execution='compacted', rngs=nnx.Rngs(0))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ats_jax import backend
 from ats_jax.models import vit
 from ats_jax.training import runtime, sharding, train
 from tests.test_train import ENV, TINY_FLAGS, tiny_config
@@ -31,7 +32,7 @@ from tests.test_train import ENV, TINY_FLAGS, tiny_config
 def test_auto_dtype_is_bfloat16_on_accelerators_and_params_logits_stay_float32(
   monkeypatch, platform, name, expected
 ):
-  monkeypatch.setattr(runtime, 'platform', lambda: platform)
+  monkeypatch.setattr(backend, 'platform', lambda: platform)
   config = tiny_config(dtype=name)
   assert train.model_options(config)['dtype'] == jnp.dtype(expected)
   model = train.build_model(config, num_classes=10)

@@ -1,4 +1,4 @@
-"""Adaptive token sampling wired into a transformer block (`../shared/ATS_SPEC.md`).
+"""Adaptive token sampling wired into a transformer block (`docs/ats_spec.md`).
 
 An ATS block is a plain `Block` with a `Sampling` setting: it uses exactly the block's own modules
 (norm1, attn, norm2, mlp), so an ATS model has the dense model's parameter tree and loads the same
@@ -72,7 +72,11 @@ def sampling_plan(
 
 
 def sample(
-  logits: jax.Array, v_norm: jax.Array, mask: jax.Array | None, sampling: Sampling
+  logits: jax.Array,
+  v_norm: jax.Array,
+  mask: jax.Array | None,
+  sampling: Sampling,
+  search: str = 'scan',
 ) -> tuple[jax.Array, jax.Array]:
   """The tokens an ATS block keeps, scored with the cls row of its attention.
 
@@ -80,7 +84,7 @@ def sample(
   (`token_sampling.value_norms`), both 0 at padded tokens; mask [B, N] or None -> the kept rows
   [B, K] (input slots: prefix tokens, then the picks) and their mask [B, K] float. K is the cap, or
   N when fewer slots come in. Only the cls query's row of attention is computed: the block then
-  attends the kept rows alone.
+  attends the kept rows alone. `search`: the binary searches' method (`ats_jax.backend`).
   """
   b, n, _ = logits.shape
   p = sampling.num_prefix_tokens
@@ -89,7 +93,9 @@ def sample(
   logits = logits.transpose(0, 2, 1)[:, :, None]  # [B, H, 1, N]: the cls query's row
   cls_attn = attention_ops.masked_softmax(logits, mask)[:, :, 0]  # [B, H, N]
   scores = token_sampling.token_scores(cls_attn, v_norm, p)  # [B, N - P]
-  picked, valid = token_sampling.sample_tokens(scores, mask[:, p:] > 0, sampling.grid_size, cap - p)
+  picked, valid = token_sampling.sample_tokens(
+    scores, mask[:, p:] > 0, sampling.grid_size, cap - p, search
+  )
   rows = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), picked + p], axis=1)  # [B, K]
   kept = jnp.concatenate([jnp.ones((b, p), bool), valid], axis=1).astype(jnp.float32)
   return rows, kept

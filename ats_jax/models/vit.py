@@ -12,24 +12,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ats_jax.layout import packing
+from ats_jax import layout
+from ats_jax.layout import PADDED, Execution, Slots, parallel, slot_map, token_map
 from ats_jax.models import ats, flops
 from ats_jax.models.registry import ViTSpec
 from ats_jax.ops import attention as attention_ops
 from ats_jax.ops import token_sampling
 
 LAYER_NORM_EPS = 1e-6  # timm's ViT LayerNorm, not PyTorch's 1e-5 default.
-EXECUTIONS = ('auto', 'packed', 'padded')  # how blocks after the first ATS block run (`packing`)
-
-
-def resolve_execution(execution: str) -> str:
-  """'auto': packed, except on GPUs, where each of its conditionals and loop steps syncs with the
-  host and padded execution measured faster (H100, bf16, batch 8 to 256: README, Results)."""
-  if execution not in EXECUTIONS:
-    raise ValueError(f'execution must be one of {EXECUTIONS}, got {execution!r}')
-  if execution == 'auto':
-    return 'padded' if jax.default_backend() == 'gpu' else 'packed'
-  return execution
 
 
 def _linear(din: int, dout: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -72,7 +62,7 @@ class PatchEmbed(nnx.Module):
 class Attention(nnx.Module):
   """Multi-head self-attention's parameters (timm's `attn.qkv`, `attn.proj`).
 
-  The block runs it in pieces: `qkv` and `proj` are per-token work (`ats_jax.layout.packing`), the
+  The block runs it in pieces: `qkv` and `proj` are per-token work (`ats_jax.layout.streams`), the
   weights between them per image (`ats_jax.ops.attention`).
   """
 
@@ -136,7 +126,7 @@ class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
   With `sampling` set it is an ATS block (`ats_jax.models.ats`): same parameters, fewer tokens out.
-  Per-token work runs padded or packed (`ats_jax.layout`), attention per image.
+  Per-token work and attention run on the model's token layout (`ats_jax.layout`).
   """
 
   def __init__(
@@ -160,39 +150,34 @@ class Block(nnx.Module):
     x: jax.Array,
     mask: jax.Array | None = None,
     *,
-    pack_chunks: int = 0,
-    attention_sizes: int = 0,
+    execution: Execution = PADDED,
+    budgets: tuple[int | None, int | None] = (None, None),
     drop: jax.Array | None = None,
-    return_rows: bool = False,
-  ) -> tuple[jax.Array, ...]:
-    """x [B, N, C] and its token mask [B, N] (None: every token real) -> the same, updated.
+  ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """x [B, N, C] and its token mask [B, N] (None: every token real) -> x [B, K, C], its mask
+    [B, K], and the input slot of each output slot [B, K] (None: the block keeps every slot).
 
-    `pack_chunks` > 0 runs per-token work packed, in chunks of B*N / pack_chunks rows (at least
-    256, the rest in pieces of 16-row multiples), 0 padded;
-    `attention_sizes` > 0 runs attention on the fewest slots that hold the tokens of the fullest
-    image of each group of `packing.ATTENTION_GROUP` (`ats_jax.layout.packing`). An ATS block scores
-    its tokens with the cls row of attention, then attends the rows it keeps alone.
-    `drop` [B, 2]: the per-image scales of the attention and MLP residuals (stochastic depth),
-    None at eval. `return_rows` also returns the input slot of each output slot [B, K].
+    An ATS block scores its tokens with the cls row of attention, then attends the rows it keeps
+    alone. `budgets`: the stream rows of the tokens coming in and of those kept (budgeted
+    execution). `drop` [B, 2]: the per-image scales of the attention and MLP residuals
+    (stochastic depth), None at eval.
     """
     # qkv [B, N, 3C] is zero at padded tokens (`token_map`), as the spec's ATS blocks zero them
     modules = (self.norm1, self.attn.qkv)
     per_image = () if self.sampling is None else (self._cls_query(x),)
-    qkv, *scoring = packing.token_map(_qkv, modules, x, mask=mask, num_chunks=pack_chunks,
-                                      per_image=per_image)  # fmt: skip
+    qkv, *scoring = token_map(_qkv, modules, x, mask=mask, execution=execution,
+                              budget=budgets[0], per_image=per_image)  # fmt: skip
     rows, kept = None, mask
     if self.sampling is not None:  # scored with the cls row alone, before any other attention
-      rows, kept = ats.sample(*scoring, mask, self.sampling)  # [B, K]
+      rows, kept = ats.sample(*scoring, mask, self.sampling, execution.search)  # [B, K]
       x = jnp.take_along_axis(x, rows[:, :, None], axis=1, mode='promise_in_bounds')  # [B, K, C]
-    (out,) = packing.slot_map(
-      self._attend, (qkv,), mask, () if rows is None else (rows,), kept, num_sizes=attention_sizes
-    )
+    slots = Slots((qkv,), mask, () if rows is None else (rows,), kept)
+    (out,) = slot_map(self._attend, slots, execution)
     extra = () if drop is None else (jnp.broadcast_to(drop[:, None], (*x.shape[:2], 2)),)
     modules = (self.attn.proj, self.norm2, self.mlp)
-    x = packing.token_map(_residuals, modules, out, x, *extra, mask=kept, num_chunks=pack_chunks)[0]
-    if not return_rows:
-      return x, kept
-    return x, kept, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]) if rows is None else rows
+    (x,) = token_map(_residuals, modules, out, x, *extra, mask=kept, execution=execution,
+                     budget=budgets[1])  # fmt: skip
+    return x, kept, rows
 
   def _cls_query(self, x: jax.Array) -> jax.Array:
     """The cls token's query, scaled by 1 / sqrt(d): x [B, N, C] -> [B, H, d] (what `_qkv` takes
@@ -202,24 +187,17 @@ class Block(nnx.Module):
     d = c // self.attn.num_heads
     return q.reshape(b, self.attn.num_heads, d) * jnp.asarray(d**-0.5, q.dtype)
 
-  def _attend(
-    self,
-    keys: tuple[jax.Array],
-    key_mask: jax.Array | None,
-    queries: tuple[jax.Array, ...],
-    query_mask: jax.Array | None,
-  ) -> tuple[jax.Array]:
-    """The block's attention, per image: keys (qkv [B, N, 3C]) and their mask [B, N] or None;
-    queries: () (every slot asks) or the rows ATS kept [B, K] with their mask -> the attention
-    output [B, Q, C] before `proj`. Slots with no pick get a finite row that nothing reads: the
-    residual section zeroes them (padded) or skips them (packed), as the spec zeroes them."""
-    del query_mask  # sizes attention in `slot_map`; the rows it marks as empty are never read
-    (qkv,) = keys
+  def _attend(self, slots: Slots) -> tuple[jax.Array]:
+    """The block's attention, per image: keys (qkv [B, N, 3C]) and their mask; queries: () (every
+    slot asks) or the rows ATS kept [B, K] -> the attention output [B, Q, C] before `proj`. Slots
+    with no pick get a finite row that nothing reads: the residual section zeroes them (padded) or
+    skips them (streams), as the spec zeroes them."""
+    (qkv,), key_mask = slots.keys, slots.key_mask
     if self.sampling is not None:  # ATS blocks always mask (the spec), even with nothing padded
       key_mask = jnp.ones(qkv.shape[:2]) if key_mask is None else key_mask
     q, k, v = split_qkv(qkv)
-    if queries:  # the kept rows alone: [B, K, C]
-      q = jnp.take_along_axis(q, queries[0][:, :, None], axis=1, mode='promise_in_bounds')
+    if slots.queries:  # the kept rows alone: [B, K, C]
+      q = jnp.take_along_axis(q, slots.queries[0][:, :, None], axis=1, mode='promise_in_bounds')
     q, k, v = (self.attn.heads(t) for t in (q, k, v))  # [B, H, N, d]
     return (attention_ops.fused_attention(q, k, v, key_mask),)  # [B, Q, C]
 
@@ -227,14 +205,11 @@ class Block(nnx.Module):
 class VisionTransformer(nnx.Module):
   """ViT/DeiT classifier. Distilled variants add `dist_token` and `head_dist`, averaged at eval.
 
-  `ats_blocks`/`num_tokens` turn on ATS (`ats_jax.models.ats`). After the first ATS block,
-  `execution='packed'` runs per-token work on the batch's real tokens only, packed into one stream
-  in chunks of 1 / `pack_chunks` of its slots (at least 256 rows, the rest in pieces of 16-row
-  multiples), and attention, per group of `packing.ATTENTION_GROUP` images, on the fewest of
-  `attention_sizes` slot counts that hold the group's fullest image (`ats_jax.layout.packing`);
-  'padded' runs every slot; 'auto' (default) is `resolve_execution`'s choice. All give the same
-  predictions. `drop_path_rate`: stochastic depth (timm's linear rule over the blocks), active only
-  when the forward gets an `rng`.
+  `ats_blocks`/`num_tokens` turn on ATS (`ats_jax.models.ats`). `execution` says how blocks run
+  once ATS has masked tokens (`ats_jax.layout.Execution`: 'padded', 'packed', 'budgeted', or
+  'auto', this backend's choice); `pack_chunks`, `attention_sizes` and `budgets` override its
+  fields. All give the same predictions. `drop_path_rate`: stochastic depth (timm's linear rule
+  over the blocks), active only when the forward gets an `rng`.
   """
 
   def __init__(
@@ -250,9 +225,10 @@ class VisionTransformer(nnx.Module):
     distilled: bool = False,
     ats_blocks: Sequence[int] = (),
     num_tokens: float | Sequence[float] = 197,
-    execution: str = 'auto',
-    pack_chunks: int = 64,
-    attention_sizes: int = 6,
+    execution: str | Execution = 'auto',
+    pack_chunks: int | None = None,
+    attention_sizes: int | None = None,
+    budgets: Sequence[int | None] | None = None,
     drop_path_rate: float = 0.0,
     dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
@@ -268,18 +244,11 @@ class VisionTransformer(nnx.Module):
     plan = ats.sampling_plan(
       depth, num_patches + self.num_prefix_tokens, self.num_prefix_tokens, ats_blocks, num_tokens
     )
-    execution = resolve_execution(execution)
-    if pack_chunks < 1:
-      raise ValueError(f'pack_chunks must be >= 1 (1: the whole stream at once), got {pack_chunks}')
-    if attention_sizes < 1:
-      raise ValueError(
-        f'attention_sizes must be >= 1 (1: one size, no switch), got {attention_sizes}'
-      )
+    self.execution = layout.resolve(
+      execution, pack_chunks=pack_chunks, attention_sizes=attention_sizes, budgets=budgets
+    )
     if not 0 <= drop_path_rate < 1:
       raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
-    self.execution = execution
-    self.pack_chunks = pack_chunks if execution == 'packed' else 0
-    self.attention_sizes = attention_sizes if execution == 'packed' else 0
     self.drop_path_rate = drop_path_rate
     self.dtype = dtype
     self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype=dtype, rngs=rngs)
@@ -332,11 +301,17 @@ class VisionTransformer(nnx.Module):
 
   def __call__(
     self, images: jax.Array, return_stats: bool = False, *, rng: jax.Array | None = None
-  ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-    """Logits [B, classes] for NHWC images; with `return_stats` also the tokens each image kept.
+  ) -> jax.Array | tuple[jax.Array, dict]:
+    """Logits [B, classes] for NHWC images; with `return_stats` also what the blocks did.
 
     stats['kept_tokens'] [B, depth] int: real tokens entering each block's MLP (prefix included).
     stats['gflops'] [B]: the image's cost at the tokens it kept (`ats_jax.models.flops`).
+    stats['kept_ids']: per ATS block, the original token index of each output slot [B, K] (-1 for
+    padding; minus num_prefix_tokens it is the patch, row-major).
+    stats['stream_tokens'] [depth] int: per block, the most real tokens one device's share of the
+    batch kept: what a budget must hold (`ats_jax.layout.budgets`).
+    stats['overflow'] bool: some block kept more tokens than its budget (budgeted execution): the
+    logits are not the model's and the batch must be re-run.
     `rng` (training): drops residual branches per image with `drop_path_rate`.
     """
     # The residual stream stays float32 (as under torch.autocast): only the layers compute in dtype
@@ -345,13 +320,17 @@ class VisionTransformer(nnx.Module):
     drops = [None] * len(self.blocks)
     if rng is not None and self.drop_path_rate > 0:
       drops = self.drop_scales(rng, b)
+    execution = self.execution
     mask = None
-    kept = []
-    for block, drop in zip(self.blocks, drops, strict=True):  # ATS blocks shrink x to their cap
-      x, mask = block(
-        x, mask, pack_chunks=self.pack_chunks, attention_sizes=self.attention_sizes, drop=drop
-      )
+    ids = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # [B, N0]: each slot's token
+    kept, kept_ids = [], []
+    for i, (block, drop) in enumerate(zip(self.blocks, drops, strict=True)):
+      budgets = (execution.budget(i - 1) if i else None, execution.budget(i))
+      x, mask, rows = block(x, mask, execution=execution, budgets=budgets, drop=drop)
       kept.append(jnp.full(b, x.shape[1]) if mask is None else mask.sum(-1))
+      if rows is not None:
+        ids = jnp.where(mask > 0, jnp.take_along_axis(ids, rows, axis=1), -1)  # [B, K]
+        kept_ids.append(ids)
     logits = self.head_logits(x)
     if not return_stats:
       return logits
@@ -359,10 +338,31 @@ class VisionTransformer(nnx.Module):
     entering = jnp.concatenate(
       [jnp.full_like(kept_tokens[:, :1], self.pos_embed.shape[1]), kept_tokens[:, :-1]], axis=1
     )
+    streams = stream_tokens(kept_tokens, execution.axis_name)  # [depth]
     return logits, {
       'kept_tokens': kept_tokens,
       'gflops': flops.gflops(self.spec, entering, kept_tokens),
+      'kept_ids': kept_ids,
+      'stream_tokens': streams,
+      'overflow': overflowed(streams, execution.budgets),
     }
+
+
+def stream_tokens(kept_tokens: jax.Array, axis_name: str) -> jax.Array:
+  """kept_tokens [B, depth] -> [depth]: per block, the most real tokens any device's share of the
+  batch holds (the images split over the set mesh's `axis_name`, as `shard_map` splits them)."""
+  shards = parallel.num_shards(axis_name)
+  per_device = kept_tokens.reshape(shards, -1, kept_tokens.shape[-1]).sum(axis=1)
+  return per_device.max(axis=0)
+
+
+def overflowed(streams: jax.Array, budgets: Sequence[int | None]) -> jax.Array:
+  """Whether some block's stream [depth] holds more real tokens than its budget (None: none)."""
+  limits = [b for b in budgets if b is not None]
+  if not limits:
+    return jnp.zeros((), bool)
+  over = [streams[i] > b for i, b in enumerate(budgets) if b is not None]
+  return jnp.any(jnp.stack(over))
 
 
 def abstract_model(**kwargs) -> VisionTransformer:
@@ -374,3 +374,10 @@ def param_dict(model: nnx.Module) -> dict[str, nnx.Param]:
   """Parameters by dotted path (`blocks.0.attn.qkv.kernel`): the names mapped to timm's keys."""
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   return {'.'.join(map(str, path)): param for path, param in flat}
+
+
+def with_execution(graphdef: nnx.GraphDef, state: nnx.State, execution: Execution) -> nnx.GraphDef:
+  """`graphdef` with another execution (budgets): the same parameters, another static program."""
+  model = nnx.merge(graphdef, state)
+  model.execution = execution
+  return nnx.split(model)[0]

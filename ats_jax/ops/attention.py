@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from ats_jax import backend
+
 SOFTMAX_EPS = 1e-6
-CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention computes in
 
 
 def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -101,12 +102,6 @@ def softmax_attention(
   return out.reshape(*out.shape[:2], -1)
 
 
-def fused_implementation(dtype: jnp.dtype) -> str | None:
-  """`jax.nn.dot_product_attention`'s backend: 'cudnn' (fused, flash-style) on GPUs in 16-bit
-  floats, None (XLA's softmax(q k^T) v) elsewhere: JAX picks XLA for None, even on GPUs."""
-  return 'cudnn' if jax.default_backend() == 'gpu' and dtype in CUDNN_DTYPES else None
-
-
 def fused_attention(
   q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
 ) -> jax.Array:
@@ -119,7 +114,7 @@ def fused_attention(
   `eps` terms, a relative 1e-6 (the row sum of exp is at least 1), far below 16-bit resolution
   (bfloat16: 2^-8), and a fifth of the memory traffic of float32 weights written out.
   """
-  if fused_implementation(q.dtype) is None:
+  if backend.attention_implementation(q.dtype) is None:
     return softmax_attention(q, k, v, mask)
   lengths = None if mask is None else jnp.sum(mask > 0, axis=-1, dtype=jnp.int32)
   try:

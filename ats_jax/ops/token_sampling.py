@@ -44,21 +44,15 @@ def normalized_cdf(sorted_scores: jax.Array, num_real: jax.Array) -> jax.Array:
   return jnp.where(real, cdf, jnp.inf)
 
 
-def search_method() -> str:
-  """`jnp.searchsorted`'s method for the binary searches here: unrolled on GPUs, where a loop's
-  steps run as separate launches (an H100 at batch 256: 16.1 against 14.5 ms a DeiT-S forward), a
-  loop elsewhere (this project's CPU: the same speed, and DeiT-S compiles 2.5 s faster)."""
-  return 'scan_unrolled' if jax.default_backend() == 'gpu' else 'scan'
-
-
-def _first_at_least(sorted_rows: jax.Array, values: jax.Array) -> jax.Array:
+def _first_at_least(sorted_rows: jax.Array, values: jax.Array, search: str) -> jax.Array:
   """Per row, the first position whose value is >= each of `values` (a binary search, not a
-  [B, G, M] comparison): sorted_rows [B, M] ascending, values [B, G] -> [B, G] in [0, M]."""
-  search = functools.partial(jnp.searchsorted, side='left', method=search_method())
+  [B, G, M] comparison): sorted_rows [B, M] ascending, values [B, G] -> [B, G] in [0, M].
+  `search`: `jnp.searchsorted`'s method (`ats_jax.backend.search_method`)."""
+  search = functools.partial(jnp.searchsorted, side='left', method=search)
   return jax.vmap(search)(sorted_rows, values)
 
 
-def inverse_transform(cdf: jax.Array, grid_size: int) -> jax.Array:
+def inverse_transform(cdf: jax.Array, grid_size: int, search: str = 'scan') -> jax.Array:
   """Picks, per grid point, the sorted position whose CDF is nearest (first on ties): [B, G].
 
   The grid runs evenly from the smallest non-zero CDF value y0 to 1, so the lowest-scored token
@@ -72,22 +66,25 @@ def inverse_transform(cdf: jax.Array, grid_size: int) -> jax.Array:
   y0 = jnp.where(jnp.isfinite(y0), y0, 1.0)
   steps = jnp.arange(grid_size, dtype=jnp.float32) / max(grid_size - 1, 1)
   grid = y0 + steps * (1.0 - y0)  # [B, G]
-  above = _first_at_least(cdf, grid)  # [B, G]
+  above = _first_at_least(cdf, grid, search)  # [B, G]
   take = functools.partial(jnp.take_along_axis, axis=-1, mode='promise_in_bounds')
   over, under = take(cdf, jnp.minimum(above, m - 1)), take(cdf, jnp.maximum(above - 1, 0))
   up = jnp.where(above < m, over - grid, jnp.inf)  # |y - c| of the first c >= y
   down = jnp.where(above > 0, grid - under, jnp.inf)  # ... of the last c < y
-  return jnp.where(down <= up, _first_at_least(cdf, under), above)  # ties: the lower position
+  return jnp.where(
+    down <= up, _first_at_least(cdf, under, search), above
+  )  # ties: the lower position
 
 
 def sample_tokens(
-  scores: jax.Array, real: jax.Array, grid_size: int, max_kept: int
+  scores: jax.Array, real: jax.Array, grid_size: int, max_kept: int, search: str = 'scan'
 ) -> tuple[jax.Array, jax.Array]:
   """Image tokens kept by ATS, in ascending score order, padded to `max_kept` slots.
 
   scores [B, M] (from `token_scores`), real [B, M] bool (False = padded slot). Returns token indices
   [B, max_kept] into the M image tokens and their validity [B, max_kept]. When more than `max_kept`
   distinct tokens are picked, the highest-scored are kept (our extension: the original crashes).
+  `search`: the binary searches' method ('scan_unrolled': no loops).
   """
   m = scores.shape[-1]
   order = jnp.argsort(jnp.where(real, scores, jnp.inf), axis=-1, stable=True)  # [B, M] ascending
@@ -95,9 +92,11 @@ def sample_tokens(
   sorted_scores = jnp.where(
     jnp.arange(m) < num_real[:, None], jnp.take_along_axis(scores, order, axis=-1), 0.0
   )
-  picks = inverse_transform(normalized_cdf(sorted_scores, num_real), grid_size)  # [B, G] ascending
+  picks = inverse_transform(
+    normalized_cdf(sorted_scores, num_real), grid_size, search
+  )  # [B, G] ascending
   positions = jnp.broadcast_to(jnp.arange(m), (picks.shape[0], m))
-  first = _first_at_least(picks, positions)  # [B, M]: the first pick >= each position
+  first = _first_at_least(picks, positions, search)  # [B, M]: the first pick >= each position
   hit = jnp.take_along_axis(picks, jnp.minimum(first, picks.shape[1] - 1), axis=-1)
   picked = (first < picks.shape[1]) & (hit == positions)  # [B, M]; no scatter: shards cleanly
   picked_above = jnp.cumsum(picked[:, ::-1], axis=-1)[:, ::-1]  # picks at sorted positions >= i
@@ -106,6 +105,8 @@ def sample_tokens(
   # slot j takes the first position where the running count of kept ones reaches j + 1
   ranks = jnp.cumsum(keep, axis=-1, dtype=jnp.int32)  # [B, M] ascending
   wanted = jnp.broadcast_to(jnp.arange(1, max_kept + 1, dtype=jnp.int32), (keep.shape[0], max_kept))
-  slots = jnp.minimum(_first_at_least(ranks, wanted), m - 1)  # [B, K']; past the count: invalid
+  slots = jnp.minimum(
+    _first_at_least(ranks, wanted, search), m - 1
+  )  # [B, K']; past the count: invalid
   valid = jnp.arange(max_kept) < keep.sum(axis=-1, keepdims=True)  # [B, K']
   return jnp.take_along_axis(order, slots, axis=-1), valid

@@ -1,5 +1,5 @@
-"""The process around the model: quiet logs, JAX's persistent compilation cache, multi-host start-up
-and the computation dtype for the platform. Used by `main.py` and `python -m ats_jax.predict`."""
+"""The process around the model: quiet logs, JAX's persistent compilation cache and multi-host
+start-up. Used by `main.py` and `python -m ats_jax.predict`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 from absl import logging
 
 DISTRIBUTED = ('auto', 'on', 'off')
 # Environment variables of the cluster launchers `jax.distributed.initialize()` auto-detects.
 CLUSTER_VARIABLES = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES')
-ACCELERATORS = ('gpu', 'tpu')
 # JAX's monitoring events: one backend-compile duration per program that reaches XLA, whether
 # compiled or loaded from the persistent cache; a cache hit per program loaded. (JAX's
 # '/jax/compilation_cache/cache_misses' counts cache writes only, not programs compiled.)
@@ -159,21 +157,6 @@ def initialize_distributed(mode: str, environ: dict | None = None) -> bool:
     jax.distributed.initialize()
     return True
   return False
-
-
-def platform() -> str:
-  """The default backend's platform: 'cpu', 'gpu' or 'tpu'."""
-  return jax.default_backend()
-
-
-def compute_dtype(name: str) -> jnp.dtype:
-  """`config.dtype`: 'auto' is bfloat16 on GPU/TPU and float32 on CPU; else the named dtype.
-
-  Only the computation: parameters, logits and ATS scores stay float32 (the model keeps them so).
-  """
-  if name == 'auto':
-    return jnp.dtype(jnp.bfloat16 if platform() in ACCELERATORS else jnp.float32)
-  return jnp.dtype(name)
 
 
 def is_terminal(stream=None) -> bool:

@@ -26,9 +26,11 @@ from clu import parameter_overview
 from etils import epath
 from flax import nnx
 
+from ats_jax import backend
 from ats_jax.convert import pretrained
 from ats_jax.data import device_images, input_pipeline, mixup
 from ats_jax.errors import CheckpointError
+from ats_jax.layout import Execution, budgets
 from ats_jax.models import create_model, enable, vit
 from ats_jax.models.factory import load_params
 from ats_jax.training import checkpointing, optim, runtime, sharding
@@ -52,12 +54,13 @@ class TrainState:
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config's `create_model` options: dtype, ATS, execution and architecture overrides."""
   return dict(
-    dtype=runtime.compute_dtype(config.dtype),
+    dtype=backend.compute_dtype(config.dtype),
     ats_blocks=tuple(config.ats_blocks),
     num_tokens=tuple(config.num_tokens),
     execution=config.execution,
     pack_chunks=config.pack_chunks,
     attention_sizes=config.attention_sizes,
+    budgets=tuple(config.budgets) or None,
     drop_path_rate=config.drop_path,
     **config.model_overrides,
   )
@@ -138,8 +141,12 @@ def train_step(
     'learning_rate': schedule(state.step),
     'grad_norm': optax.tree.norm(grads),
     'gflops': stats['gflops'].mean(),
+    'overflow': stats['overflow'],
+    'stream_tokens': stats['stream_tokens'],
   }
-  return TrainState(state.step + 1, params, opt_state, ema), metrics
+  new = TrainState(state.step + 1, params, opt_state, ema)
+  # a batch over its token budgets computed wrong numbers: keep the state, the runner re-runs it
+  return jax.tree.map(lambda n, o: jnp.where(stats['overflow'], o, n), new, state), metrics
 
 
 def eval_step(
@@ -158,6 +165,8 @@ def eval_step(
   top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [B, 5]
   hits = top == batch['label'][:, None]
   return {
+    'overflow': stats['overflow'],
+    'stream_tokens': stats['stream_tokens'],
     'count': mask.sum(),
     'top1': (hits[:, 0] * mask).sum(),
     'top5': (hits.any(-1) * mask).sum(),
@@ -178,17 +187,28 @@ def evaluate(
   """One pass over the eval split (`num_examples` long, for the progress bar): top-1/5, kept
   tokens per block, GFLOPs/image, images/s."""
   data = input_pipeline.eval_data_config(config)
-  step = eval_step_fn(graphdef, mesh, tuple(data.mean), tuple(data.std))
+  runner = budget_runner(graphdef, params, mesh, config.eval_batch_size)
+
+  mean, std = tuple(data.mean), tuple(data.std)
+
+  @functools.cache
+  def step_fn(execution: Execution):
+    return eval_step_fn(vit.with_execution(graphdef, params, execution), mesh, mean, std)
+
+  def call(execution, batch):
+    with jax.set_mesh(mesh):  # token layouts lay out each device's own images
+      return step_fn(execution)(params, batch)
+
   batches = input_pipeline.eval_batches(config, image_size=image_size)
   num_batches = math.ceil(num_examples / config.eval_batch_size)
   totals, seconds, timed_images = None, 0.0, 0
   for i, batch in enumerate(sharding.device_batches(batches, mesh)):
     start = time.perf_counter()
-    with jax.set_mesh(mesh):  # packed execution packs each device's own images
-      sums = jax.device_get(step(params, batch))
+    sums = jax.device_get(runner.run(call, batch, report=_budget_report))
     if i > 0:  # the first batch pays for compilation; the input pipeline is not timed
       seconds += time.perf_counter() - start
       timed_images += config.eval_batch_size
+    sums = {k: v for k, v in sums.items() if k not in BUDGET_STATS}
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     _progress(i + 1, num_batches)
   count = float(totals['count'])
@@ -200,6 +220,33 @@ def evaluate(
     'gflops': float(totals['gflops'] / count),
     'kept_tokens': {int(b): round(float(kept[b]), 2) for b in ats_blocks},
     'images_per_sec': timed_images / seconds if seconds > 0 else float('nan'),
+  } | budget_results(runner)
+
+
+BUDGET_STATS = ('overflow', 'stream_tokens')  # what a budget runner reads, not metrics
+
+
+def _budget_report(stats: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  return stats['overflow'], stats['stream_tokens']
+
+
+def budget_runner(
+  graphdef: nnx.GraphDef, params: nnx.State, mesh: jax.sharding.Mesh, batch_size: int
+) -> budgets.BudgetRunner:
+  """The runner that keeps a budgeted model's token budgets fitted to the batches
+  (`ats_jax.layout.budgets`); it runs other executions as they are."""
+  per_device = batch_size // mesh.shape[sharding.DATA_AXIS]
+  return budgets.BudgetRunner.for_model(nnx.merge(graphdef, params), per_device)
+
+
+def budget_results(runner: budgets.BudgetRunner) -> dict[str, Any]:
+  """What a budgeted run reports beside its metrics: the final budgets, their use, the re-runs."""
+  if not runner.active:
+    return {}
+  return {
+    'budgets': list(runner.budgets),
+    'budget_use': round(runner.use(), 4),
+    'reruns': runner.reruns,
   }
 
 
@@ -293,19 +340,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start == 0:
     log_parameters(params, workdir)
     writer.write_hparams(_flat_hparams(config))
-  step_fn = jax.jit(
-    functools.partial(
+  runner = budget_runner(graphdef, params, mesh, config.batch_size)
+
+  @functools.cache
+  def step_fn(execution: Execution):
+    step = functools.partial(
       train_step,
-      graphdef=graphdef,
+      graphdef=vit.with_execution(graphdef, params, execution),
       tx=tx,
       schedule=schedule,
       config=config,
       num_classes=info.num_classes,
-    ),
-    in_shardings=(shardings, sharding.data_sharding(mesh)),
-    out_shardings=(shardings, sharding.replicated(mesh)),
-    donate_argnums=0,
-  )
+    )
+    return jax.jit(
+      step,
+      in_shardings=(shardings, sharding.data_sharding(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=0,
+    )
+
+  def call(execution, state, *, batch):
+    with jax.set_mesh(mesh):  # token layouts lay out each device's own images
+      return step_fn(execution)(state, batch)
+
   local = input_pipeline.train_batches(config, image_size=model.img_size, start_step=start)
   batches = sharding.device_batches(local, mesh)  # the next batches already on their way
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
@@ -319,9 +376,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   logging.info('Training %d steps (%d per epoch) from step %d', total, steps_per_epoch, start)
   for step in range(start, total):
-    with jax.set_mesh(mesh):  # packed execution packs each device's own images
-      state, metrics = step_fn(state, next(batches))
-    pending.append(metrics)
+    batch = next(batches)
+    state, metrics = runner.run(
+      functools.partial(call, batch=batch),
+      state,
+      report=lambda out: _budget_report(out[1]),
+      carry_of=lambda out: out[0],
+    )
+    pending.append({k: v for k, v in metrics.items() if k not in BUDGET_STATS})
     done = step + 1
     report(done)
     if done % config.log_every_steps == 0 or done == total:

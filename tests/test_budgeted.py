@@ -1,0 +1,308 @@
+"""Budgeted execution gives padded execution's tokens, logits, gradients and training updates with
+no `while` or `conditional` in its program; overflow is flagged exactly, and the runner repairs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ats_jax.data import input_pipeline
+from ats_jax.layout import Execution, budgets
+from ats_jax.models import create_model
+from ats_jax.models import vit as vit_lib
+from ats_jax.training import optim, train
+from experiments.photos import photos
+from tests.helpers import TINY, perturb, tiny_config
+
+ATS = dict(ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10))
+EXACT = Execution(mode='budgeted', search='scan_unrolled', budget_align=1)  # any row count
+
+
+def model_with(execution, **kwargs) -> vit_lib.VisionTransformer:
+  """TINY with ATS and large weights (sharp attention: images keep different token counts)."""
+  model = vit_lib.VisionTransformer(**TINY | ATS | kwargs, execution=execution, rngs=nnx.Rngs(0))
+  model.eval()
+  perturb(model, scale=0.5)
+  return model
+
+
+@nnx.jit
+def forward(model, images):
+  return model(images, return_stats=True)
+
+
+def counts(images) -> np.ndarray:
+  """Padded execution's per-block real tokens of the batch [depth]: what budgets must hold."""
+  return np.asarray(forward(model_with('padded'), images)[1]['stream_tokens'])
+
+
+def with_budgets(model, budgets) -> vit_lib.VisionTransformer:
+  model.execution = model.execution.with_budgets(tuple(budgets))
+  return model
+
+
+def test_budgeted_equals_padded_on_real_photos_at_batch_1_to_16():
+  padded = model_with('padded')
+  budgeted = model_with(dataclasses.replace(EXACT, budget_align=16))
+  images = jnp.asarray(photos(28, size=32))
+  for batch in (1, 4, 16):
+    for start in (0, 12):
+      x = images[start : start + batch]
+      a, sa = forward(padded, x)
+      need = np.asarray(sa['stream_tokens'])
+      # budgets of 16-row multiples that hold the batch: the streams skip padded slots
+      rows = tuple(None if i == 0 else -(-int(n) // 16) * 16 for i, n in enumerate(need))
+      b, sb = forward(with_budgets(budgeted, rows), x)
+      assert not bool(sb['overflow'])
+      np.testing.assert_array_equal(np.asarray(sb['kept_tokens']), np.asarray(sa['kept_tokens']))
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+      assert all(r is None or r < batch * 15 for r in rows) or batch == 1  # fewer than the slots
+
+
+def test_overflow_is_flagged_exactly_when_a_block_keeps_more_tokens_than_its_budget():
+  images = jnp.asarray(photos(8, size=32))
+  need = counts(images)
+  ref = forward(model_with('padded'), images)[0]
+  for block in (1, 2, 3):
+    for slack, overflow in ((0, False), (-1, True)):
+      budgets_ = [None] * 4
+      budgets_[block] = int(need[block]) + slack
+      logits, stats = forward(model_with(EXACT.with_budgets(tuple(budgets_))), images)
+      assert bool(stats['overflow']) is overflow, (block, slack)
+      if not overflow:  # a budget of exactly the tokens kept is enough
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_runner_re_runs_an_overflowed_batch_padded_and_raises_the_budgets():
+  images = jnp.asarray(photos(16, size=32))
+  padded = model_with('padded')
+  ref_logits, ref_stats = forward(padded, images)
+  tiny_rows = (None, 16, 16, 16)  # far below the 16 x 4-8 tokens each block keeps
+  model = model_with(dataclasses.replace(EXACT, budget_align=16, budgets=tiny_rows))
+  runner = budgets.BudgetRunner.for_model(model, batch_per_device=16)
+  assert not runner.adapt  # explicit budgets are kept until one overflows
+  seen = []
+
+  def call(execution, images):
+    seen.append(execution.budgets)
+    return forward(with_budgets(model, execution.budgets), images)
+
+  def report(out):
+    return out[1]['overflow'], out[1]['stream_tokens']
+
+  logits, stats = runner.run(call, images, report)
+  assert seen == [tiny_rows, ()] and runner.reruns == 1  # re-run padded
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(stats['kept_tokens']), ref_stats['kept_tokens'])
+  need = np.asarray(ref_stats['stream_tokens'])
+  assert all(b is None or b >= n for b, n in zip(runner.budgets[1:], need[1:], strict=True)), (
+    runner.budgets,
+    need,
+  )
+  runner.run(call, images, report)
+  assert seen[-1] == runner.budgets and runner.reruns == 1  # the raised budgets hold
+
+
+def test_runner_calibrates_on_its_first_batch_and_lowers_budgets_only_after_patience():
+  images = jnp.asarray(photos(16, size=32))
+  full, light = images, images[:4]  # 4 images keep fewer tokens than 16
+  model = model_with(dataclasses.replace(EXACT, budget_align=16))
+  runner = budgets.BudgetRunner.for_model(model, batch_per_device=16, patience=3, margin=0.0)
+  assert runner.adapt and runner.budgets == () and runner.slots == (None, 240, 192, 160)
+  sizes = []
+
+  def call(execution, images):
+    sizes.append(execution.budgets)
+    return forward(with_budgets(model, execution.budgets), images)
+
+  def report(out):
+    return out[1]['overflow'], out[1]['stream_tokens']
+
+  def needed(x):  # 16-row multiples; None where that reaches every slot
+    return tuple(
+      None if s is None or -(-int(n) // 16) * 16 >= s else -(-int(n) // 16) * 16
+      for n, s in zip(counts(x), runner.slots, strict=True)
+    )
+
+  big, small = needed(full), needed(light)
+  assert big != small
+  runner.run(call, full, report)
+  assert sizes == [()] and runner.budgets == big  # calibrated on a padded run, then set
+  for _ in range(2):
+    runner.run(call, light, report)
+    assert runner.budgets == big  # hysteresis: not lowered yet
+  runner.run(call, light, report)
+  assert runner.budgets == small  # lowered after `patience` batches that all needed less
+  runner.run(call, light, report)
+  assert sizes[-1] == small and runner.reruns == 0 and runner.programs == 3  # (), big, small
+
+
+def loss_fn(model, images, labels):
+  logits = model(images)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def test_gradients_equal_padded_mode():
+  images = jnp.asarray(photos(16, size=32))
+  labels = jnp.arange(16) % 10
+  need = counts(images)
+  rows = (None, *(-(-int(n) // 128) * 128 for n in need[1:]))
+  padded, budgeted = model_with('padded'), model_with('budgeted', budgets=rows)
+  grad = nnx.jit(nnx.value_and_grad(loss_fn))
+  (la, ga), (lb, gb) = grad(padded, images, labels), grad(budgeted, images, labels)
+  np.testing.assert_allclose(float(lb), float(la), rtol=1e-6)
+  flat_a, flat_b = vit_lib.param_dict(ga), vit_lib.param_dict(gb)
+  for name, g in flat_a.items():
+    np.testing.assert_allclose(np.asarray(flat_b[name][...]), np.asarray(g[...]), atol=1e-5,
+                               rtol=1e-4, err_msg=name)  # fmt: skip
+  assert np.abs(np.asarray(flat_b['blocks.3.mlp.fc1.kernel'][...])).max() > 0
+
+
+def train_setup(budgets_):
+  config = tiny_config(drop_path=0.0, execution='budgeted', budgets=budgets_)
+  model = train.build_model(config, num_classes=10)
+  graphdef, params = nnx.split(model)
+  schedule = optax.constant_schedule(3e-3)
+  tx = optim.create_optimizer(config, schedule)
+  step = jax.jit(
+    lambda s, b: train.train_step(
+      s, b, graphdef=graphdef, tx=tx, schedule=schedule, config=config, num_classes=10
+    )
+  )
+  batch = next(input_pipeline.train_batches(config, image_size=16))
+  return step, train.create_train_state(params, tx, ema=False), batch, graphdef, params
+
+
+def test_a_training_step_that_overflowed_keeps_the_state_and_its_re_run_is_padded():
+  """tiny_config: 32 images of 17 tokens after its ATS block (block 1): a 128-row budget
+  overflows."""
+  step, state, batch, graphdef, params = train_setup((None, 128))
+  kept, metrics = step(state, batch)
+  assert bool(metrics['overflow'])
+  for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  padded_step, padded_state, *_ = train_setup(())  # () budgets: padded, the reference
+  want, want_metrics = padded_step(padded_state, batch)
+  rerun, rerun_metrics = padded_step(kept, batch)  # what the runner runs after an overflow
+  assert not bool(rerun_metrics['overflow']) and int(rerun.step) == 1
+  for a, b in zip(jax.tree.leaves(rerun), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert float(rerun_metrics['loss']) == pytest.approx(float(want_metrics['loss']), rel=1e-6)
+  fits = int(np.asarray(want_metrics['stream_tokens'])[1])
+  ok_step, ok_state, *_ = train_setup((None, -(-fits // 128) * 128))
+  updated, ok_metrics = ok_step(ok_state, batch)
+  assert not bool(ok_metrics['overflow'])
+  for a, b in zip(jax.tree.leaves(updated.params), jax.tree.leaves(want.params), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def control_flow(hlo: str) -> list[str]:
+  """The loops and branches of StableHLO or XLA HLO text (ops, not names in its metadata)."""
+  return re.findall(r'stablehlo\.(?:while|case|if)\b|\b(?:while|conditional)\(', hlo)
+
+
+def test_budgeted_forward_and_train_step_have_no_while_or_conditional():
+  """The lowered StableHLO and XLA's optimised HLO of a budgeted forward and training step hold no
+  loop and no branch: on a GPU nothing waits for the host. Packed execution's do (the check can
+  fail). The step draws its random numbers with 'unsafe_rbg' keys: JAX lowers threefry to a
+  rolled loop on CPUs alone (unrolled on GPUs and TPUs), and that loop is not the model's."""
+  step, state, batch, *_ = train_setup((None, 512))
+  with jax.default_prng_impl('unsafe_rbg'):
+    lowered = step.lower(state, batch)
+  assert control_flow(lowered.as_text()) == [] and control_flow(lowered.compile().as_text()) == []
+  images = jnp.asarray(photos(16, size=32))
+  for execution, loops in (('budgeted', False), ('packed', True)):
+    rows = (None, 256, 256, 256) if execution == 'budgeted' else None
+    model = model_with(execution, budgets=rows)
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x, return_stats=True))
+    lowered = fn.lower(state, images)
+    found = control_flow(lowered.as_text()) + control_flow(lowered.compile().as_text())
+    assert bool(found) is loops, (execution, found)
+
+
+def test_deit_s_training_temporaries_in_budgeted_execution_at_most_padded():
+  """XLA's memory analysis of a DeiT-S training step at batch 16 (ATS 3-11): budgets of 60% of the
+  slots need no more temporaries than padded execution's."""
+  temp = {}
+  budget = -(-int(0.6 * 16 * 197) // 128) * 128
+  for execution, rows in (('padded', None), ('budgeted', (None,) * 3 + (budget,) * 9)):
+    model = nnx.eval_shape(
+      lambda e=execution, r=rows: create_model(
+        'deit_small_patch16_224', ats_blocks=tuple(range(3, 12)), execution=e, budgets=r
+      )
+    )
+    graphdef, params = nnx.split(model)
+
+    def step(params, images, labels, graphdef=graphdef):
+      return jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), images, labels))(params)
+
+    images = jax.ShapeDtypeStruct((16, 224, 224, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((16,), jnp.int32)
+    compiled = jax.jit(step).lower(params, images, labels).compile()
+    temp[execution] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp['budgeted'] <= temp['padded'], temp
+
+
+def test_budgets_are_validated_and_auto_picks_budgeted_on_accelerators(monkeypatch):
+  with pytest.raises(ValueError, match='multiples of budget_align 128'):
+    Execution(mode='budgeted', search='scan_unrolled', budgets=(None, 100))
+  with pytest.raises(ValueError, match="search must be 'scan_unrolled'"):
+    Execution(mode='budgeted', search='scan')
+  assert vit_lib.VisionTransformer(**TINY, rngs=nnx.Rngs(0)).execution.mode == 'packed'  # CPU
+  for platform in ('gpu', 'tpu'):
+    monkeypatch.setattr(jax, 'default_backend', lambda p=platform: p)
+    execution = vit_lib.VisionTransformer(**TINY, rngs=nnx.Rngs(0)).execution
+    assert (execution.mode, execution.search) == ('budgeted', 'scan_unrolled')
+
+
+SCRIPT = textwrap.dedent("""
+  import jax, jax.numpy as jnp, numpy as np
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from ats_jax.layout import Execution
+  from tests.test_budgeted import model_with, forward
+  from experiments.photos import photos
+
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  images = jnp.asarray(photos(32, size=32))
+  ref_logits, ref_stats = forward(model_with('padded'), images)  # one device
+  sharded = jax.device_put(images, NamedSharding(mesh, P('data')))
+  with jax.set_mesh(mesh):
+    need = np.asarray(forward(model_with('padded'), sharded)[1]['stream_tokens'])
+    per_device = np.asarray(ref_stats['kept_tokens']).reshape(8, 4, -1).sum(1)
+    np.testing.assert_array_equal(need, per_device.max(0))  # the fullest device's count
+    rows = (None, *(int(n) for n in need[1:]))
+    exact = Execution(mode='budgeted', search='scan_unrolled', budget_align=1)
+    hlo = nnx.jit(forward).lower(model_with(exact.with_budgets(rows)), sharded).as_text()
+    logits, stats = forward(model_with(exact.with_budgets(rows)), sharded)
+    assert 'shard_map' in hlo or 'manual' in hlo, 'budgeted streams must run per device'
+    assert not bool(stats['overflow'])
+    np.testing.assert_array_equal(stats['kept_tokens'], ref_stats['kept_tokens'])
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
+    short = (None, int(need[1]) - 1, *rows[2:])  # the fullest device one row short: flagged
+    assert bool(forward(model_with(exact.with_budgets(short)), sharded)[1]['overflow'])
+    assert len({tuple(t) for t in per_device[:, 1:].tolist()}) > 1  # devices differ
+  print('ok')
+""")
+
+
+def test_budgeted_over_eight_devices_equals_padded_on_one_and_flags_the_fullest_device():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', SCRIPT], capture_output=True, text=True, env=env,
+                        check=False)  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().endswith('ok')
