@@ -1,8 +1,10 @@
 """Inference throughput of ATS against the same weights dense, on real photos, in one run.
 
 For each model and batch size: our Flax model dense, with ATS (the original's setting: blocks 3-11,
-cap 197) in packed execution (the default) and in padded execution, and timm's dense model with the
-same weights. Images are real photos (`experiments.photos`, DeiT's eval transform): noise makes
+cap 197) in packed, padded and budgeted execution, and timm's dense model with the same weights.
+Budgeted rows take their budgets from the padded row's counts, as `BudgetRunner` does on its first
+batch (8% margin, 128-row multiples), and report them with their use (real tokens / budget rows).
+Images are real photos (`experiments.photos`, DeiT's eval transform): noise makes
 every image keep the same tokens and hides ATS's real cost. Each row is compiled once, then the
 rows are timed in alternation, `--repeats` rounds (each of as many calls as fill `MIN_ROUND_S`); a
 row reports its best round's mean call, and its spread: how far its median round lies above that
@@ -38,6 +40,7 @@ from absl import app, flags
 from flax import nnx
 
 from ats_jax.convert.timm import timm_to_flax
+from ats_jax.layout.budgets import BudgetRunner
 from ats_jax.models import create_model, flops, vit
 from ats_jax.models.factory import load_params
 from ats_jax.ops import attention as attention_ops
@@ -80,6 +83,9 @@ class Row:
   ideal: float = 0.0  # dense GFLOPs / this row's GFLOPs
   efficiency: float = 0.0  # speedup / ideal
   spread: float = 0.0  # the median round over the best, minus 1: how noisy the machine was
+  budgets: tuple = ()  # budgeted: rows per block (None: padded)
+  budget_use: float = float('nan')  # budgeted: real tokens over budget rows
+  reruns: int = 0  # budgeted: batches that overflowed and ran again padded
 
 
 def random_timm(name: str, peak: float, depth: int | None = None) -> torch.nn.Module:
@@ -139,6 +145,15 @@ def static_ceiling(model: nnx.Module, kept: np.ndarray, images: jax.Array) -> Ca
   return lambda: jax.block_until_ready(forward(state, images))
 
 
+def with_budgets(model: vit.VisionTransformer, streams: np.ndarray, batch: int) -> BudgetRunner:
+  """Sets a budgeted model's budgets from a batch's per-block counts (`stats['stream_tokens']`
+  of padded execution), as `BudgetRunner` does after its first batch; returns the runner."""
+  runner = BudgetRunner.for_model(model, batch)
+  runner.observe(np.asarray(streams))
+  model.execution = runner.execution
+  return runner
+
+
 def torch_runner(model: torch.nn.Module, images: np.ndarray, dtype: str) -> Callable[[], object]:
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   model = model.to(device)
@@ -176,14 +191,24 @@ def bench_model(
     'jax dense': flax_twin(reference, name, **options),
     'jax ATS packed': flax_twin(reference, name, ats_blocks=blocks, execution='packed', **options),
     'jax ATS padded': flax_twin(reference, name, ats_blocks=blocks, execution='padded', **options),
+    'jax ATS budgeted': flax_twin(
+      reference, name, ats_blocks=blocks, execution='budgeted', **options
+    ),
   }
-  runners, rows = {}, {}
+  runners, rows, streams = {}, {}, {}
   dense = models['jax dense']
   for impl, model in models.items():
+    if impl == 'jax ATS budgeted':
+      runner = with_budgets(model, streams['jax ATS padded'], batch)
     run, stats, compile_s = jax_runner(model, x)
     kept, gflops = float(np.mean(stats['kept_tokens'])), float(np.mean(stats['gflops']))
     rows[impl] = Row(name, batch, impl, 0.0, compile_s, kept, gflops)
     runners[impl] = run
+    streams[impl] = stats['stream_tokens']
+    if impl == 'jax ATS budgeted':
+      runner.observe(np.asarray(stats['stream_tokens']), bool(stats['overflow']))
+      rows[impl].budgets, rows[impl].budget_use = runner.budgets, runner.use()
+      rows[impl].reruns = int(bool(stats['overflow']))  # a fixed batch: once over, always over
     if impl == 'jax ATS packed' and _CEILING.value and batch == 1:
       bound = 'jax static ceiling'
       runners[bound] = static_ceiling(dense, np.asarray(stats['kept_tokens'])[0], x)
@@ -219,14 +244,16 @@ def bench_model(
 def table(rows: list[Row]) -> str:
   lines = [
     '| model | batch | impl | images/s | ms/batch | speed-up | ideal | efficiency | compile s '
-    '| kept tokens | GFLOPs/img | spread |',
-    '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    '| kept tokens | GFLOPs/img | spread | budget use | re-runs |',
+    '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for r in rows:
+    use = '' if math.isnan(r.budget_use) else f'{100 * r.budget_use:.0f}%'
     lines.append(
       f'| {r.model} | {r.batch} | {r.impl} | {r.images_per_sec:.1f} | {r.ms_per_batch:.1f} '
       f'| {r.speedup:.2f}x | {r.ideal:.2f}x | {100 * r.efficiency:.0f}% | {r.compile_s:.1f} '
-      f'| {r.kept_tokens:.1f} | {r.gflops:.2f} | {100 * r.spread:.0f}% |'
+      f'| {r.kept_tokens:.1f} | {r.gflops:.2f} | {100 * r.spread:.0f}% | {use} '
+      f'| {r.reruns if r.budgets else ""} |'
     )
   return '\n'.join(lines)
 

@@ -11,8 +11,10 @@ row is also compared with the batch's first ATS row: top-1 agreement, largest lo
 the share of (image, block) kept-token counts that are equal.
 
 Besides the executions, variants switch off two choices made for GPUs, as they were before them:
-the masked attention handed to cuDNN (`attention.fused_attention`) and the binary searches of the
-sampling unrolled (`token_sampling.search_method`); on a CPU neither is used.
+the masked attention handed to cuDNN (`ats_jax.backend.attention_implementation`) and the binary
+searches of the sampling unrolled (`Execution.search`); on a CPU neither is used. 'budgeted' takes
+its budgets from a padded run's counts of the same batch, as `BudgetRunner` does on its first
+batch, and its row gives them with their use and whether it overflowed.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from ats_jax.layout import packing
-from ats_jax.ops import attention, token_sampling
+from ats_jax import layout
+from ats_jax.ops import attention
 from experiments import benchmark, photos
 
 _PLAN = flags.DEFINE_multi_string('plan', ['256:dense+padded+packed 8'], 'batch:variant+...')
@@ -44,22 +46,19 @@ def _xla_masked_attention(q, k, v, mask=None):
 
 
 _XLA_ATTENTION = {(attention, 'fused_attention'): _xla_masked_attention}
-_SEARCH_LOOPS = {(token_sampling, 'search_method'): lambda: 'scan'}
-VARIANTS = {  # name: (model overrides, module attributes set while tracing)
+VARIANTS = {  # name: (execution mode and fields, or None: dense; module attributes while tracing)
   'dense': (None, {}),
-  'padded': (dict(execution='padded'), {}),
-  'padded, XLA attention': (dict(execution='padded'), _XLA_ATTENTION),
-  'padded, loops': (dict(execution='padded'), _SEARCH_LOOPS),
-  'padded, both off': (dict(execution='padded'), _XLA_ATTENTION | _SEARCH_LOOPS),
-  'packed': (dict(execution='packed'), {}),
-  'packed 8': (
-    dict(execution='packed', pack_chunks=8),
-    {(packing, 'ALIGN'): 256, (packing, 'ATTENTION_GROUP'): 64},
-  ),
+  'padded': (('padded', {}), {}),
+  'padded, XLA attention': (('padded', {}), _XLA_ATTENTION),
+  'padded, loops': (('padded', dict(search='scan')), {}),
+  'padded, both off': (('padded', dict(search='scan')), _XLA_ATTENTION),
+  'packed': (('packed', {}), {}),
+  'packed 8': (('packed', dict(pack_chunks=8, align=256, attention_group=64)), {}),
   'packed 4': (
-    dict(execution='packed', pack_chunks=4, attention_sizes=4),
-    {(packing, 'ALIGN'): 1024, (packing, 'ATTENTION_GROUP'): 256},
+    ('packed', dict(pack_chunks=4, attention_sizes=4, align=1024, attention_group=256)),
+    {},
   ),
+  'budgeted': (('budgeted', {}), {}),
 }
 
 
@@ -87,13 +86,18 @@ def bench(batch: int, names: list[str], reference, rows: list[dict], out: str | 
   x = jnp.asarray(images)
   runners, outputs, first = {}, {}, None
   for name in names:
-    overrides, values = VARIANTS[name]
+    execution, values = VARIANTS[name]
     start = time.perf_counter()
     options = dict(dtype=jnp.bfloat16)
-    if overrides is not None:
-      options |= overrides | dict(ats_blocks=benchmark.ats_blocks(len(reference.blocks)))
+    mode, fields = execution or (None, {})
+    if execution is not None:
+      options |= dict(execution=layout.resolve(mode, **fields),
+                      ats_blocks=benchmark.ats_blocks(len(reference.blocks)))  # fmt: skip
     with _patched(values):  # traced (and compiled) under the variant's settings
-      graphdef, state = nnx.split(benchmark.flax_twin(reference, _MODEL.value, **options))
+      model = benchmark.flax_twin(reference, _MODEL.value, **options)
+      if mode == 'budgeted':
+        runner = benchmark.with_budgets(model, padded_streams(reference, x), batch)
+      graphdef, state = nnx.split(model)
       forward = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x, return_stats=True))
       logits, stats = jax.device_get(forward(state, x))
     runners[name] = lambda f=forward, s=state: jax.block_until_ready(f(s, x))
@@ -102,7 +106,11 @@ def bench(batch: int, names: list[str], reference, rows: list[dict], out: str | 
                gflops=float(np.mean(stats['gflops'])),
                kept_tokens=float(np.mean(stats['kept_tokens'])))  # fmt: skip
     outputs[name] = np.asarray(logits, np.float32), np.asarray(stats['kept_tokens'])
-    if overrides is not None:
+    if mode == 'budgeted':
+      row |= dict(budgets=runner.budgets, overflow=bool(stats['overflow']))
+      runner.observe(stats['stream_tokens'], bool(stats['overflow']))
+      row['budget_use'] = runner.use()
+    if execution is not None:
       first = first or name
       (a, kept_a), (b, kept_b) = outputs[first], outputs[name]
       row |= dict(vs=first, top1_agree=float(np.mean(a.argmax(-1) == b.argmax(-1))),
@@ -122,6 +130,13 @@ def bench(batch: int, names: list[str], reference, rows: list[dict], out: str | 
     row |= dict(ms=1e3 * best[row['impl']], speedup=best[names[0]] / best[row['impl']])
   print(json.dumps(rows[-len(runners) :]), flush=True)
   _write(out, rows)
+
+
+def padded_streams(reference, x: jax.Array) -> np.ndarray:
+  """Per block, the real tokens of the batch `x` in padded execution: what budgets must hold."""
+  model = benchmark.flax_twin(reference, _MODEL.value, dtype=jnp.bfloat16, execution='padded',
+                              ats_blocks=benchmark.ats_blocks(len(reference.blocks)))  # fmt: skip
+  return np.asarray(nnx.jit(lambda m, x: m(x, return_stats=True))(model, x)[1]['stream_tokens'])
 
 
 def _write(out: str | None, rows: list[dict]) -> None:

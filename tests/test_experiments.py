@@ -54,7 +54,8 @@ def test_benchmark_rows_and_their_numbers_agree(tmp_path):
     JAX_DISABLE_MOST_OPTIMIZATIONS='true',
   )  # timings are not asserted: compile fast
   rows = json.loads((tmp_path / 'b.json').read_text())['rows']
-  impls = ['jax dense', 'jax ATS packed', 'jax static ceiling', 'jax ATS padded', 'timm dense']
+  impls = ['jax dense', 'jax ATS packed', 'jax static ceiling', 'jax ATS padded',
+           'jax ATS budgeted', 'timm dense']  # fmt: skip
   assert [(r['batch'], r['impl']) for r in rows] == [(1, i) for i in impls]
   by = {r['impl']: r for r in rows}
   assert by['jax dense']['gflops'] == pytest.approx(flops.dense_gflops(get_spec(name)))
@@ -63,6 +64,11 @@ def test_benchmark_rows_and_their_numbers_agree(tmp_path):
   assert packed['kept_tokens'] == padded['kept_tokens'] < 197  # same tokens, either way
   assert packed['gflops'] == pytest.approx(padded['gflops'])
   assert by['jax static ceiling']['gflops'] == packed['gflops']  # the same token counts
+  budgeted = by['jax ATS budgeted']
+  assert budgeted['kept_tokens'] == padded['kept_tokens'] and budgeted['reruns'] == 0
+  assert budgeted['budgets'][:3] == [None] * 3  # dense blocks before the first ATS block
+  assert all(b is None or b % 128 == 0 for b in budgeted['budgets'])  # Execution.budget_align
+  assert 0 < budgeted['budget_use'] <= 1
   for r in rows:
     assert r['images_per_sec'] > 0 and r['ideal'] == pytest.approx(
       by['jax dense']['gflops'] / r['gflops']
@@ -79,18 +85,20 @@ def test_gpu_executions_rows_and_the_gpu_choices_change_no_number_on_a_cpu(tmp_p
     'experiments.gpu_executions',
     '--model=deit_tiny_patch16_224',
     '--depth=4',
-    '--plan=2:dense+padded, both off+padded+packed 8',
+    '--plan=2:dense+padded, both off+padded+packed 8+budgeted',
     f'--json={tmp_path / "g.json"}',
     JAX_DISABLE_MOST_OPTIMIZATIONS='true',
   )
   rows = json.loads((tmp_path / 'g.json').read_text())['rows']
-  assert [r['impl'] for r in rows] == ['dense', 'padded, both off', 'padded', 'packed 8', 'timm']
+  impls = ['dense', 'padded, both off', 'padded', 'packed 8', 'budgeted', 'timm']
+  assert [r['impl'] for r in rows] == impls
   assert rows[0]['speedup'] == 1 and rows[0]['kept_tokens'] == 197
-  for row in rows[1:4]:
+  for row in rows[1:5]:
     assert row['vs'] == 'padded, both off' and row['kept_tokens'] < 197
     assert row['kept_equal'] == 1 and row['top1_agree'] == 1
   assert rows[2]['max_logit_diff'] == 0  # padded: the same computation, bit for bit
   assert rows[3]['max_logit_diff'] < 0.05  # packed: bfloat16 products of other shapes
+  assert rows[4]['max_logit_diff'] < 0.05 and not rows[4]['overflow']
   assert all(r['ms'] > 0 for r in rows)
 
 
@@ -111,7 +119,9 @@ def test_device_check_runs_and_its_parity_lines_hold(tmp_path):
   proc = run_module('experiments.device_check', '--small', f'--out={tmp_path}', **fast)
   report = (tmp_path / 'benchmark_cpu.md').read_text()
   assert 'ATS packed vs padded: kept tokens equal: True' in report
+  assert 'ATS budgeted vs padded: kept tokens equal: True' in report
   diff = float(report.split('dense vs timm (float32): max |logit diff| ')[1].split()[0])
   assert diff < 1e-4
-  assert report.count('| deit_tiny_patch16_224 |') == 4  # dense, packed, padded, timm
+  assert report.count('| deit_tiny_patch16_224 |') == 5  # dense, packed, padded, budgeted, timm
   assert 'train packed' in report and 'train padded' in report and 'wrote' in proc.stdout
+  assert 'train budgeted' in report and 're-runs' in report

@@ -105,7 +105,7 @@ class BudgetRunner:
       retry = carry if carry_of is None else carry_of(result)
       result = call(self.execution.with_budgets(()), retry)
       streams = jax.device_get(report(result)[1])  # padded execution never overflows
-    self._follow(np.asarray(streams), bool(overflow))
+    self.observe(np.asarray(streams), bool(overflow))
     return result
 
   def _needed(self, streams: np.ndarray) -> tuple[int | None, ...]:
@@ -118,9 +118,10 @@ class BudgetRunner:
       needed.append(None if rows is None or rows >= slots else rows)
     return tuple(needed)
 
-  def _follow(self, streams: np.ndarray, overflowed: bool) -> None:
-    """Raises budgets at once to what this batch needs; lowers them to the most the last
-    `patience` batches needed once they all needed less."""
+  def observe(self, streams: np.ndarray, overflowed: bool = False) -> None:
+    """A batch's per-block counts [depth] (`stats['stream_tokens']`): raises budgets at once to
+    what it needs; lowers them to the most the last `patience` batches needed once they all
+    needed less."""
     self._recent = (self._recent + [streams])[-self.patience :]
     if not self.adapt and not overflowed:
       return
