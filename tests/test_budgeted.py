@@ -208,6 +208,27 @@ def test_a_training_step_that_overflowed_keeps_the_state_and_its_re_run_is_padde
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_main_training_and_evaluation_in_budgeted_execution_give_padded_results(tmp_path):
+  """`config.execution='budgeted'` end to end, with budgets calibrated and with `config.budgets`
+  given: the runner's steps and evaluation give padded execution's results. The tiny model keeps
+  about 16 of its 17 tokens: calibrated budgets reach every slot (None: padded); a given budget of
+  512 rows for 32 x 17 slots holds some batches and overflows on others (re-run padded)."""
+  results = {}
+  for execution, budgets_ in (('padded', ()), ('budgeted', ()), ('budgeted', (None, 512))):
+    config = tiny_config(execution=execution, budgets=budgets_, num_steps=4, drop_path=0.0)
+    results[execution, budgets_] = train.train_and_evaluate(
+      config, str(tmp_path / str(len(results)))
+    )
+  padded, calibrated, given = results.values()
+  for run in (calibrated, given):
+    for name in ('ats', 'dense'):
+      for key in ('top1', 'top5', 'gflops', 'kept_tokens'):
+        assert run[name][key] == pytest.approx(padded[name][key], rel=1e-6), (name, key)
+    assert 'budgets' not in run['dense']  # a dense model has nothing to budget
+  assert 'budgets' not in padded['ats'] and calibrated['ats']['budgets'] == [None, None]
+  assert given['ats']['budgets'][1] >= 512 and 0 < given['ats']['budget_use'] <= 1
+
+
 def control_flow(hlo: str) -> list[str]:
   """The loops and branches of StableHLO or XLA HLO text (ops, not names in its metadata)."""
   return re.findall(r'stablehlo\.(?:while|case|if)\b|\b(?:while|conditional)\(', hlo)

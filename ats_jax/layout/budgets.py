@@ -64,7 +64,8 @@ class BudgetRunner:
 
   @property
   def active(self) -> bool:
-    return self.execution.mode == 'budgeted'
+    """Budgeted execution with some block to budget (a dense model runs as it is)."""
+    return self.execution.mode == 'budgeted' and any(s is not None for s in self.slots)
 
   @property
   def budgets(self) -> tuple[int | None, ...]:
