@@ -38,8 +38,11 @@ shuffled per epoch plus a buffer of config.data.shuffle_buffer examples, as tfds
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
+import gc
+import itertools
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -57,6 +60,7 @@ from ats_jax.models import registry
 
 BUILTIN_NAMES = ('digits', 'folder')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-case: ImageNet's are '.JPEG'
+PREFETCH = 2  # batches ready ahead of the training step
 DIGITS_SPLITS = {'train': slice(0, 1437), 'validation': slice(1437, None)}
 
 
@@ -170,7 +174,7 @@ def eval_batches(
     'label': tf.constant(0, tf.int32),
     'mask': tf.constant(False),
   }
-  ds = split.records(host, num_hosts, None, 1).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = split.records(host, num_hosts, None, 1).map(prepare, num_parallel_calls=_workers())
   ds = ds.concatenate(
     tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch - sizes[host])
   )
@@ -228,7 +232,7 @@ def _train_epochs(
     return {'image': image, 'label': tf.cast(label, tf.int32), 'erase': erase}
 
   def finish(ds: tf.data.Dataset) -> tf.data.Dataset:
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(prepare, num_parallel_calls=_workers())
     return _finish(ds.batch(batch, drop_remainder=True), deterministic=True)
 
   def find(epoch: int, first: int) -> Callable[[int], str | None]:
@@ -260,13 +264,22 @@ def _finish(ds: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
   """Prefetches, and fixes the order: parallel maps must not reorder what resume relies on.
 
   Its own thread pool of one thread per core, each op single-threaded (as Flax's ImageNet example
-  and big_vision): the parallelism is across examples, not inside an image's small ops.
+  and big_vision): the parallelism is across examples, not inside an image's small ops. Autotuning
+  is off: its model thread sleeps up to a minute between rounds and deleting the iterator waits for
+  it to wake, so a process sat idle after its last line; instead one map call per core and
+  PREFETCH batches ahead.
   """
   options = tf.data.Options()
   options.deterministic = deterministic
-  options.threading.private_threadpool_size = os.cpu_count() or 1
+  options.autotune.enabled = False
+  options.threading.private_threadpool_size = _workers()
   options.threading.max_intra_op_parallelism = 1
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+  return ds.prefetch(PREFETCH).with_options(options)
+
+
+def _workers() -> int:
+  """Parallel map calls: one per core."""
+  return os.cpu_count() or 1
 
 
 def _checked(
@@ -277,20 +290,55 @@ def _checked(
   The order is deterministic, so the failing batch is the next one, i: find_bad_file(i) decodes
   its examples one by one.
   """
-  iterator = ds.as_numpy_iterator()
-  i = 0
-  while True:
-    try:
-      batch_arrays = next(iterator)
-    except StopIteration:
-      return
-    except tf.errors.OpError as error:
-      reason = _short(error)
-      path = find_bad_file(i)
-      where = f'image file {path}' if path else description
-      raise InputError(f'cannot read {where}: {reason}') from None
-    yield batch_arrays
-    i += 1
+  pipeline = _Pipeline(ds)
+  try:
+    for i in itertools.count():
+      try:
+        batch_arrays = pipeline.next()
+      except StopIteration:
+        return
+      except tf.errors.OpError as error:
+        reason = _short(error)
+        path = find_bad_file(i)
+        where = f'image file {path}' if path else description
+        raise InputError(f'cannot read {where}: {reason}') from None
+      yield batch_arrays
+  finally:  # the generator closed, collected or exhausted: stop the pipeline's threads now
+    pipeline.close()
+
+
+class _Pipeline:
+  """Owns a tf.data iterator, so that it is deleted while the interpreter still runs.
+
+  Deleting an iterator waits for its worker threads; those running `tf.numpy_function` (PIL) need
+  the GIL, which they can no longer take once the interpreter is finalising: an iterator left to
+  interpreter teardown can hang the process forever. `close_pipelines` (atexit) closes the rest.
+  """
+
+  def __init__(self, ds: tf.data.Dataset):
+    self._iterator = ds.as_numpy_iterator()
+    self._open = _OPEN  # still reachable when module globals are cleared at teardown
+    self._open.add(self)
+
+  def next(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      raise StopIteration
+    return next(self._iterator)
+
+  def close(self) -> None:
+    self._iterator = None  # TF releases the GIL while the iterator's threads stop
+    self._open.discard(self)
+
+
+_OPEN: set[_Pipeline] = set()  # not yet closed
+
+
+@atexit.register
+def close_pipelines() -> None:
+  """Deletes every open pipeline's iterator (and frees cycles holding one) before teardown."""
+  for pipeline in list(_OPEN):
+    pipeline.close()
+  gc.collect()
 
 
 def _short(error: tf.errors.OpError) -> str:

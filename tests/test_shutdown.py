@@ -1,0 +1,110 @@
+"""Processes end when their work ends: no tf.data iterator left for interpreter teardown to wait on.
+
+An iterator whose worker threads run Python (`tf.numpy_function`, PIL) hung the interpreter's
+teardown forever; the input pipeline now closes its iterators while the interpreter runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {'JAX_PLATFORMS': 'cpu', 'PATH': '', 'PYTHONPATH': ROOT}
+
+
+def photo_folder(root, per_class: int = 24) -> None:
+  """ImageNet-sized JPEGs: each decode and RandAugment keeps a worker in Python a while."""
+  rng = np.random.default_rng(0)
+  for split in ('train', 'val'):
+    for name in ('a', 'b'):
+      os.makedirs(root / split / name)
+      for i in range(per_class):
+        pixels = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / split / name / f'{i}.jpg', quality=90)
+
+
+def test_a_script_taking_a_few_batches_from_a_jpeg_folder_exits(tmp_path):
+  photo_folder(tmp_path / 'photos')
+  script = textwrap.dedent(f"""
+    from configs import default
+    from ats_jax.data import input_pipeline
+    config = default.get_config()
+    config.data.name, config.data.data_dir = 'folder', {str(tmp_path / 'photos')!r}
+    config.data.eval_split = 'val'
+    config.batch_size, config.eval_batch_size, config.aug.repeats = 16, 8, 1
+    train = input_pipeline.train_batches(config, image_size=224)
+    evaluation = input_pipeline.eval_batches(config, image_size=224)
+    shapes = [next(train)['image'].shape for _ in range(3)] + [next(evaluation)['image'].shape]
+    print(shapes)
+  """)
+  start = time.monotonic()
+  proc = subprocess.run(
+    [sys.executable, '-c', script], capture_output=True, text=True, timeout=30, env=ENV, cwd=ROOT
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == str([(16, 224, 224, 3)] * 3 + [(8, 224, 224, 3)])
+  assert time.monotonic() - start < 30
+
+
+def run_timed(args: list[str], until: str, sigterm_at: str | None = None) -> tuple[float, str]:
+  """Runs main.py; returns (seconds from the last line containing `until` to the exit, output).
+  With `sigterm_at`, sends SIGTERM once a line contains it."""
+  proc = subprocess.Popen(
+    [sys.executable, 'main.py', *args],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=ENV,
+    cwd=ROOT,
+  )
+  lines, seen = [], None
+  try:
+    for line in proc.stdout:
+      lines.append(line)
+      if until in line:
+        seen = time.monotonic()
+      if sigterm_at and sigterm_at in line:
+        proc.send_signal(signal.SIGTERM)
+        sigterm_at = None
+    proc.wait(timeout=60)
+  finally:
+    proc.kill()
+  output = ''.join(lines)
+  assert proc.returncode == 0, output[-3000:]
+  assert seen is not None, output[-3000:]
+  return time.monotonic() - seen, output
+
+
+# A 2-block digits model: the same pipeline and loop as `make demo`, compiled in seconds.
+SHORT = [
+  '--config=configs/digits_ats.py',
+  '--config.model_overrides.depth=2',
+  '--config.ats_blocks=(1,)',
+  '--config.compile_cache_dir=',
+]
+
+
+def test_digits_training_exits_within_5s_of_its_last_evaluation(tmp_path):
+  seconds, output = run_timed(
+    [*SHORT, f'--workdir={tmp_path}', '--config.num_steps=30'], until='eval_dense/top1'
+  )
+  assert '| dense |' in output
+  assert seconds < 5, output[-2000:]
+
+
+def test_sigterm_saves_and_exits_within_5s(tmp_path):
+  seconds, output = run_timed(
+    [*SHORT, f'--workdir={tmp_path}', '--config.num_steps=100000'],
+    until='after SIGTERM',
+    sigterm_at='Training 100000 steps',
+  )
+  assert 'rerun the same command to resume' in output
+  assert seconds < 5, output[-2000:]
