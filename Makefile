@@ -1,9 +1,10 @@
 # `make demo`: set up .venv and run the main job. `make test`: set up .venv and run every test.
+# `make test-fast`: the unit tests alone.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint
+.PHONY: demo test test-fast lint
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +27,7 @@ lint: $(VENV)/.test
 
 test: lint
 	$(PY) -m pytest
+
+# The inner loop: unit tests on tiny models (no DeiT-S compiles, no subprocess runs of main.py).
+test-fast: $(VENV)/.test
+	$(PY) -m pytest tests/test_attention.py tests/test_ats.py tests/test_flops_and_zoo.py tests/test_docs.py tests/test_convert_errors.py
