@@ -36,7 +36,8 @@ COMMANDS = {
   'python -m experiments.visualize_tokens': (
     'tests/test_experiment_scripts.py::test_visualize_tokens_draws_the_kept_patches'
   ),
-  'python -m convert deit_small_patch16_224-cd65a155.pth ckpt/deit_s --model=deit_small_patch16_224': QUICKSTART,
+  'python -m convert deit_small_patch16_224-cd65a155.pth ckpt/deit_s '
+  '--model=deit_small_patch16_224': QUICKSTART,
   'python -m ats_jax.predict --checkpoint=ckpt/deit_s --ats_blocks=3,4,5,6,7,8,9,10,11 '
   '--num_tokens=197 --save_tokens=tokens cat.jpg': QUICKSTART,
   'python main.py --config=configs/deit_s_ats.py --config.mode=evaluate '
