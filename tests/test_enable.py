@@ -9,7 +9,7 @@ from flax import nnx
 
 import ats_jax
 from ats_jax.models import vit as vit_lib
-from tests.test_ats import TINY, perturb
+from tests.helpers import TINY, perturb
 
 
 def tiny(**overrides) -> vit_lib.VisionTransformer:

@@ -97,8 +97,8 @@ def split_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def _qkv(modules, x: jax.Array, *cls_query: jax.Array) -> tuple[jax.Array, ...]:
   """Per-token: qkv(norm1(x)) [..., 3C], one array that attention slices only where it reads it.
-  Three [..., C] outputs were each copied out of the product and written on their own (DeiT-S ATS
-  packed: 743 against 737 ms at batch 32, 3051 against 3026 at 128). x [..., C]. With the token's
+  Three [..., C] outputs were each copied out of the product and written on their own
+  (`docs/execution.md`). x [..., C]. With the token's
   image's cls query [..., H, d] (an ATS block), also what sampling needs of each token, while k and
   v are in cache: its logit against the query [..., H] and ||v|| [...]."""
   norm1, qkv = modules

@@ -33,8 +33,8 @@ def cls_logits(query: jax.Array, k: jax.Array) -> jax.Array:
   token's q, already scaled by 1 / sqrt(d)), k [..., H*d] -> [..., H] float32.
 
   Per token, so it runs with the per-token work, while k is in cache (`vit._qkv`): read again
-  afterwards, k and v cost sampling about 120 ms of DeiT-S's 3.2 s forward at batch 128. A product
-  and a sum per head, as a matrix product would first copy k into heads-first layout.
+  afterwards, k and v cost sampling a measurable share of the forward (`docs/execution.md`). A
+  product and a sum per head, as a matrix product would first copy k into heads-first layout.
   """
   products = k.reshape(query.shape).astype(jnp.float32) * query.astype(jnp.float32)
   return jnp.sum(products, axis=-1)
@@ -77,12 +77,12 @@ def softmax_attention(
   With `mask` [B, N] (even all ones) the reference's masked softmax (`masked_softmax`), else the
   plain one. The weights are normalised after their product with v, one division per output
   element instead of one per weight, and the product is taken heads first, then laid out tokens
-  first: on this project's CPU 2.4x faster than normalising the [B, H, Q, N] weights and writing
-  tokens first (DeiT-S attention at batch 32: 18 against 44 ms a block).
+  first: on the CPU much faster than normalising the [B, H, Q, N] weights and writing tokens first
+  (figures in `docs/execution.md`).
 
   Padded keys get -inf added to their logits, not selected in: XLA on CPU fuses the logits'
-  product with a bias into what follows, but writes the logits out before a select (DeiT-S, 197
-  keys of which 10% padded, batch 32: 17 against 42 ms). Their k and v are zeroed first, so their
+  product with a bias into what follows, but writes the logits out before a select
+  (`docs/execution.md`). Their k and v are zeroed first, so their
   logits are 0 + -inf whatever the slots held (inf + -inf would be NaN).
   """
   if mask is not None:
