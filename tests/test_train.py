@@ -25,26 +25,10 @@ from ats_jax.models import vit
 from ats_jax.training import optim, sharding, train
 from configs import digits_ats
 from tests.conftest import random_timm_model
+from tests.helpers import tiny_config
 from tests.test_parity import save
 
 ENV = {'JAX_PLATFORMS': 'cpu', 'PATH': os.environ.get('PATH', ''), 'TF_CPP_MIN_LOG_LEVEL': '3'}
-
-
-def tiny_config(**changes):
-  config = digits_ats.get_config()
-  config.model_overrides.update(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
-  config.ats_blocks = (1,)
-  config.num_tokens = (17.0,)
-  config.batch_size = config.eval_batch_size = 32
-  config.num_steps = 6
-  config.warmup_epochs = 0.1
-  config.checkpoint_every_steps = 2
-  config.keep_checkpoints = 10
-  config.log_every_steps = 1
-  config.drop_path = 0.2  # stochastic depth on: resume and sharding must reproduce its draws
-  for key, value in changes.items():
-    config[key] = value
-  return config
 
 
 @pytest.mark.parametrize('mixing', [False, True], ids=['smoothing', 'mixup_cutmix_smoothing'])
