@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from ats_jax.models import vit as vit_lib
@@ -40,3 +42,23 @@ def tiny_config(**changes):
   for key, value in changes.items():
     config[key] = value
   return config
+
+
+def loss_fn(model, images, labels, rng=None):
+  """Mean cross-entropy of `model`'s logits (with `rng`: stochastic depth)."""
+  logits = model(images, rng=rng)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def assert_same_gradients(reference: nnx.Module, model: nnx.Module, images: jnp.ndarray) -> None:
+  """`model`'s loss and parameter gradients equal `reference`'s (the same weights, another
+  execution), and reach the last block."""
+  labels = jnp.arange(len(images)) % 10
+  grad = nnx.jit(nnx.value_and_grad(loss_fn))
+  (la, ga), (lb, gb) = grad(reference, images, labels), grad(model, images, labels)
+  np.testing.assert_allclose(float(lb), float(la), rtol=1e-6)
+  flat_a, flat_b = vit_lib.param_dict(ga), vit_lib.param_dict(gb)
+  for name, g in flat_a.items():
+    np.testing.assert_allclose(np.asarray(flat_b[name][...]), np.asarray(g[...]), atol=1e-5,
+                               rtol=1e-4, err_msg=name)  # fmt: skip
+  assert np.abs(np.asarray(flat_b['blocks.3.mlp.fc1.kernel'][...])).max() > 0

@@ -24,7 +24,7 @@ from ats_jax.models import create_model
 from ats_jax.models import vit as vit_lib
 from ats_jax.training import optim, train
 from experiments.photos import photos
-from tests.helpers import TINY, perturb, tiny_config
+from tests.helpers import TINY, assert_same_gradients, loss_fn, perturb, tiny_config
 
 ATS = dict(ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10))
 EXACT = Execution(mode='budgeted', search='scan_unrolled', budget_align=1)  # any row count
@@ -51,6 +51,20 @@ def counts(images) -> np.ndarray:
 def with_budgets(model, budgets) -> vit_lib.VisionTransformer:
   model.execution = model.execution.with_budgets(tuple(budgets))
   return model
+
+
+def runner_steps(model, seen: list):
+  """What a `BudgetRunner` runs: `model` forward under each execution's budgets (recorded in
+  `seen`), and the report it reads from the result."""
+
+  def call(execution, images):
+    seen.append(execution.budgets)
+    return forward(with_budgets(model, execution.budgets), images)
+
+  def report(out):
+    return out[1]['overflow'], out[1]['stream_tokens']
+
+  return call, report
 
 
 def test_budgeted_equals_padded_on_real_photos_at_batch_1_to_16():
@@ -94,14 +108,7 @@ def test_runner_re_runs_an_overflowed_batch_padded_and_raises_the_budgets():
   runner = budgets.BudgetRunner.for_model(model, batch_per_device=16)
   assert not runner.adapt  # explicit budgets are kept until one overflows
   seen = []
-
-  def call(execution, images):
-    seen.append(execution.budgets)
-    return forward(with_budgets(model, execution.budgets), images)
-
-  def report(out):
-    return out[1]['overflow'], out[1]['stream_tokens']
-
+  call, report = runner_steps(model, seen)
   logits, stats = runner.run(call, images, report)
   assert seen == [tiny_rows, ()] and runner.reruns == 1  # re-run padded
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5, rtol=1e-5)
@@ -122,13 +129,7 @@ def test_runner_calibrates_on_its_first_batch_and_lowers_budgets_only_after_pati
   runner = budgets.BudgetRunner.for_model(model, batch_per_device=16, patience=3, margin=0.0)
   assert runner.adapt and runner.budgets == () and runner.slots == (None, 240, 192, 160)
   sizes = []
-
-  def call(execution, images):
-    sizes.append(execution.budgets)
-    return forward(with_budgets(model, execution.budgets), images)
-
-  def report(out):
-    return out[1]['overflow'], out[1]['stream_tokens']
+  call, report = runner_steps(model, sizes)
 
   def needed(x):  # 16-row multiples; None where that reaches every slot
     return tuple(
@@ -149,25 +150,10 @@ def test_runner_calibrates_on_its_first_batch_and_lowers_budgets_only_after_pati
   assert sizes[-1] == small and runner.reruns == 0 and runner.programs == 3  # (), big, small
 
 
-def loss_fn(model, images, labels):
-  logits = model(images)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 def test_gradients_equal_padded_mode():
   images = jnp.asarray(photos(16, size=32))
-  labels = jnp.arange(16) % 10
-  need = counts(images)
-  rows = (None, *(-(-int(n) // 128) * 128 for n in need[1:]))
-  padded, budgeted = model_with('padded'), model_with('budgeted', budgets=rows)
-  grad = nnx.jit(nnx.value_and_grad(loss_fn))
-  (la, ga), (lb, gb) = grad(padded, images, labels), grad(budgeted, images, labels)
-  np.testing.assert_allclose(float(lb), float(la), rtol=1e-6)
-  flat_a, flat_b = vit_lib.param_dict(ga), vit_lib.param_dict(gb)
-  for name, g in flat_a.items():
-    np.testing.assert_allclose(np.asarray(flat_b[name][...]), np.asarray(g[...]), atol=1e-5,
-                               rtol=1e-4, err_msg=name)  # fmt: skip
-  assert np.abs(np.asarray(flat_b['blocks.3.mlp.fc1.kernel'][...])).max() > 0
+  rows = (None, *(-(-int(n) // 128) * 128 for n in counts(images)[1:]))
+  assert_same_gradients(model_with('padded'), model_with('budgeted', budgets=rows), images)
 
 
 def train_setup(budgets_):
