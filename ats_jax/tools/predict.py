@@ -6,8 +6,10 @@
 
 The checkpoint is a converted directory, a `.pth` or a `.safetensors` (the variant read from the
 directory or inferred from the shapes unless `--model` names it). Images are decoded by PIL and
-prepared with DeiT's eval transform. `--save_tokens=DIR` writes DIR/<image>.png: the photo, then per
-ATS block the same photo with the patches that block dropped greyed.
+prepared with the checkpoint's own eval transform (mean, std, crop_pct, interpolation from its
+`ats_jax.json`, else the variant's: DeiT's for deit_*, AugReg's for vit_*). `--save_tokens=DIR`
+writes DIR/<image>.png: the photo, then per ATS block the same photo with the patches that block
+dropped greyed.
 
 Class names (`ats_jax/data/imagenet_classes.txt`, one per line in class order) are the WordNet
 lemmas of ImageNet-1k's classes as timm ships them (`timm/data/_info`, Apache-2.0; WordNet 3.0
@@ -97,10 +99,11 @@ def predict(
   """Each image's top classes, kept tokens per block and GFLOPs; with `save_tokens` also its
   token picture (DIR/<image name>.png)."""
   names = class_names(model.spec.num_classes)
+  size, data = model.img_size, model.data_config
   out = []
   for start in range(0, len(paths), BATCH):
     chunk = paths[start : start + BATCH]
-    batch = np.stack([images.eval_transform(images.read_image(p), model.img_size) for p in chunk])
+    batch = np.stack([images.eval_transform(images.read_image(p), size, data) for p in chunk])
     probs, stats = jax.device_get(_forward(model, jnp.asarray(batch)))
     for i, path in enumerate(chunk):
       best = np.argsort(-probs[i])[:top]
@@ -129,7 +132,7 @@ def save_token_pictures(
   if not np.array_equal(counts, kept[:, list(blocks)]):  # the trace must be the model's run
     raise AssertionError(f'traced kept tokens {counts} differ from the model {kept}')
   os.makedirs(out_dir, exist_ok=True)
-  shown = images.denormalize(batch)
+  shown = images.denormalize(batch, model.data_config)
   written = []
   for i, path in enumerate(paths):
     ids = [block_ids[i] for block_ids in traced['kept_ids']]
