@@ -29,7 +29,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from ats_jax.convert import pretrained
@@ -170,6 +170,8 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   paths = argv[1:]
+  if FLAGS.verbosity < 1:  # results and `error:` lines only; INFO lines with --verbosity=1
+    logging.set_verbosity(logging.WARNING)
   runtime.quiet_library_logs()
   cache = runtime.enable_compile_cache(FLAGS.compile_cache_dir)
   try:
@@ -191,8 +193,13 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  """The console entry point: flags defined here, so importing the module defines none."""
+  """The console entry point (`ats-jax-predict`, `python -m ats_jax.predict`): flags defined here,
+  so importing the module defines none."""
   define_flags()
+  flags.adopt_module_key_flags(sys.modules[__name__])  # --help lists them
+  entry = sys.modules['__main__']
+  if not entry.__doc__:  # absl's --help prints __main__'s docstring: a console script has none
+    entry.__doc__ = __doc__
   app.run(main)
 
 
