@@ -127,6 +127,7 @@ def run_main(workdir, *overrides: str, devices: int = 1) -> subprocess.Popen:
 
 
 TINY_FLAGS = [
+  'demo_speed=False',  # the demo's DeiT-S timing line: not these tests'
   'model_overrides.img_size=16',
   'model_overrides.patch_size=4',
   'model_overrides.embed_dim=32',
