@@ -30,4 +30,4 @@ test: lint
 
 # The inner loop: unit tests on tiny models (no DeiT-S compiles, no subprocess runs of main.py).
 test-fast: $(VENV)/.test
-	$(PY) -m pytest tests/test_attention.py tests/test_ats.py tests/test_flops_and_zoo.py tests/test_docs.py tests/test_convert_errors.py
+	$(PY) -m pytest tests/ops/test_attention.py tests/ops/test_ats.py tests/models/test_flops_and_zoo.py tests/test_docs.py tests/convert/test_convert_errors.py

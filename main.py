@@ -106,6 +106,21 @@ def main(argv: list[str]) -> None:
   runtime.log_cache_use(cache)
   if results is not None:
     print_results(results)
+    if config.get('demo_speed'):  # the digits demo: its model is too small to show ATS's speed
+      print_demo_speed()
+
+
+def print_demo_speed() -> None:
+  """Under the demo's table: what its images/s column measures, then ATS's speed where it matters
+  (DeiT-S size, `experiments.demo_speed`)."""
+  from experiments import demo_speed
+
+  print(
+    '\nimages/s above: a 4-block model of 37 tokens, where sampling costs more than the tokens it'
+    ' saves; not what ATS is for. Timing a DeiT-S-sized model instead...',
+    flush=True,
+  )
+  print(demo_speed.speed_line(demo_speed.measure()))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -40,9 +40,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'  # a TFDS split; for 'folder' the sub-folder, e.g. 'val'
   config.data.shuffle_buffer = 10_000
-  # eval: resize to img_size / crop_pct (256 for 224 at 0.875), centre crop. None: what the
-  # checkpoint records (DeiT 0.875, AugReg ViT 0.9), else the variant's.
+  # Eval preprocessing: resize to img_size / crop_pct (256 for 224 at 0.875), centre crop with
+  # `interpolation`, normalise with `mean`/`std` (of [0, 1] values). Each None: what the evaluated
+  # checkpoint records (DeiT: ImageNet's, 0.875, bicubic; AugReg ViT: 0.5, 0.9, bicubic), else
+  # the variant's.
+  config.data.mean = None  # e.g. (0.5, 0.5, 0.5)
+  config.data.std = None
   config.data.crop_pct = None
+  config.data.interpolation = None  # 'bicubic', 'bilinear', ...
 
   # Augmentation (timm's DeiT setting); each switchable: 0 or False turns it off.
   config.aug = ml_collections.ConfigDict()

@@ -1,10 +1,11 @@
-"""Real photographs for experiments, as DeiT's eval transform prepares them (PIL, as timm).
+"""Real photographs for experiments, as a checkpoint's eval transform prepares them (PIL, as timm).
 
 Noise makes every image keep about the same tokens and hides what ATS really costs: a batch of real
 photos mixes busy and plain images. The photos ship inside scikit-image and scikit-learn (nothing is
 downloaded); past them come random square crops and mirror images, deterministic in `seed`. The
-transform is timm's own path (`ats_jax.data.images.eval_transform`: PIL bicubic resize of the short
-side to size / 0.875, centre crop, ImageNet mean/std), so this module needs no TensorFlow.
+transform is timm's own path (`ats_jax.data.images.eval_transform`: by default DeiT's PIL bicubic
+resize of the short side to size / 0.875, centre crop, ImageNet mean/std; pass a model's
+`data_config` for its own), so this module needs no TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import numpy as np
 
 from ats_jax.data.images import eval_transform
+from ats_jax.models import registry
 
 # scikit-image's bundled photographs (RGB and greyscale, 191 to 1,411 px), scenes and textures.
 SKIMAGE_PHOTOS = (
@@ -39,9 +41,11 @@ def originals() -> tuple[np.ndarray, ...]:
   return (*photos, *load_sample_images().images)
 
 
-def photos(count: int, size: int = 224, seed: int = 0) -> np.ndarray:
-  """`count` eval-preprocessed images [count, size, size, 3] float32: the originals first, then
-  random crops (at least `size` px, at most the short side) and their mirror images."""
+def photos(
+  count: int, size: int = 224, seed: int = 0, data: registry.DataConfig = registry.DEIT_DATA
+) -> np.ndarray:
+  """`count` images [count, size, size, 3] float32, eval-preprocessed under `data`: the originals
+  first, then random crops (at least `size` px, at most the short side) and their mirror images."""
   sources = originals()
   rng = np.random.default_rng(seed)
   out = []
@@ -54,5 +58,5 @@ def photos(count: int, size: int = 224, seed: int = 0) -> np.ndarray:
       photo = photo[top : top + side, left : left + side]
       if rng.random() < 0.5:
         photo = photo[:, ::-1]
-    out.append(eval_transform(np.ascontiguousarray(photo), size))
+    out.append(eval_transform(np.ascontiguousarray(photo), size, data))
   return np.stack(out)

@@ -25,8 +25,9 @@ from absl import app, flags
 from flax import nnx
 from sklearn.datasets import load_sample_images
 
-from ats_jax.data import input_pipeline, preprocessing
-from ats_jax.data.images import denormalize, eval_transform, read_image
+from ats_jax.data import input_pipeline
+from ats_jax.data.images import denormalize, eval_transform, normalize, read_image
+from ats_jax.models import registry
 from ats_jax.tools.token_pictures import grey_dropped, patch_keep_map
 from experiments import trained
 
@@ -38,19 +39,20 @@ DPI = 100
 FLAGS = flags.FLAGS
 
 
-def load_images(paths: list[str], size: int, crop_pct: float) -> np.ndarray:
+def load_images(paths: list[str], size: int, data: registry.DataConfig) -> np.ndarray:
   """Image files, eval-preprocessed as the model's data (PIL, as `python -m ats_jax.predict`):
   [B, S, S, 3]
   normalised; a file PIL cannot read is a ValueError that names it."""
-  return np.stack([eval_transform(read_image(path), size, crop_pct) for path in paths])
+  return np.stack([eval_transform(read_image(path), size, data) for path in paths])
 
 
-def default_images(config, size: int, count: int) -> tuple[np.ndarray, list[str]]:
+def default_images(
+  config, size: int, count: int, data: registry.DataConfig
+) -> tuple[np.ndarray, list[str]]:
   """Digits: the first eval image of each class; other data: scikit-learn's sample photos."""
   if config.data.name != 'digits':
     photos = load_sample_images()
-    crop = input_pipeline.eval_data_config(config).crop_pct
-    images = [eval_transform(p, size, crop) for p in photos.images]
+    images = [eval_transform(p, size, data) for p in photos.images]
     names = [os.path.splitext(os.path.basename(f))[0] for f in photos.filenames]
     return np.stack(images)[:count], names[:count]
   batch = next(input_pipeline.eval_batches(config, image_size=size))
@@ -58,13 +60,15 @@ def default_images(config, size: int, count: int) -> tuple[np.ndarray, list[str]
   for i, label in enumerate(batch['label'][batch['mask']]):
     first.setdefault(int(label), i)
   picks = [first[label] for label in sorted(first)][:count]  # digits 0, 1, 2, ...
-  images = preprocessing.normalize(batch['image'][picks]).numpy()  # the batches are uint8
+  images = normalize(batch['image'][picks], data.mean, data.std)  # the batches are uint8
   return images, [f'digit {batch["label"][i]}' for i in picks]
 
 
-def draw(images, names, kept_ids, counts, blocks, model, path: str) -> None:
+def draw(
+  images, names, kept_ids, counts, blocks, model, path: str, data: registry.DataConfig
+) -> None:
   """One row per image: the input, then per ATS block the kept patches (dropped ones greyed)."""
-  shown = denormalize(images)
+  shown = denormalize(images, data)
   grid, patch = model.img_size // model.spec.patch_size, model.spec.patch_size
   rows, cols = len(images), 1 + len(blocks)
   fig, axes = plt.subplots(
@@ -92,11 +96,12 @@ def run(
   if missing:  # before the model loads: a typo should not cost a restore
     raise FileNotFoundError(f'no such image file: {", ".join(missing)}')
   model = trained.trained_model(config, workdir, checkpoint)
+  data = input_pipeline.eval_data_config(config, model.data_config)
   if paths:
-    images = load_images(paths, model.img_size, input_pipeline.eval_data_config(config).crop_pct)
+    images = load_images(paths, model.img_size, data)
     names = [os.path.basename(p) for p in paths]
   else:
-    images, names = default_images(config, model.img_size, count)
+    images, names = default_images(config, model.img_size, count, data)
   blocks = [i for i, b in enumerate(model.blocks) if b.sampling is not None]
   if not blocks:
     raise ValueError('the model has no ATS block: set --config.ats_blocks')
@@ -104,7 +109,7 @@ def run(
   _, stats = jax.device_get(forward(model, jnp.asarray(images)))
   kept_ids, counts = stats['kept_ids'], stats['kept_tokens'][:, blocks]  # counts [B, ATS blocks]
   os.makedirs(os.path.dirname(png) or '.', exist_ok=True)
-  draw(images, names, kept_ids, counts, blocks, model, png)
+  draw(images, names, kept_ids, counts, blocks, model, png, data)
   return {
     'png': png,
     'ats_blocks': blocks,

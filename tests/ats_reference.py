@@ -1,4 +1,4 @@
-"""An independent NumPy (float64) implementation of `../shared/ATS_SPEC.md`, one image at a time.
+"""An independent NumPy (float64) implementation of `docs/ats_spec.md`, one image at a time.
 
 Written from the spec's prose with plain loops and Python sets, sharing nothing with `ats_jax`.
 """

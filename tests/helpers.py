@@ -1,6 +1,7 @@
 """What many tests share: a tiny ViT, weights that make attention sharp, a tiny training config.
 
-No test module imports another one; they import this (and the fixtures of `conftest.py`).
+No test module imports another one; they import this, `references.py` (the PyTorch side) and the
+fixtures of `conftest.py`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ats_jax.models import create_model
 from ats_jax.models import vit as vit_lib
 from configs import digits_ats
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+# ATS in blocks 1-3 of TINY, with a fraction, then fixed counts: images keep different tokens.
+TINY_ATS = dict(ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10))
 ENV = {'JAX_PLATFORMS': 'cpu', 'PATH': os.environ.get('PATH', ''), 'TF_CPP_MIN_LOG_LEVEL': '3'}
 
 
@@ -26,22 +30,57 @@ def perturb(model: nnx.Module, seed: int = 0, scale: float = 0.3) -> None:
     param[...] = param[...] + scale * rng.standard_normal(param.shape).astype(np.float32)
 
 
+def sharp_model(execution='padded', **kwargs) -> vit_lib.VisionTransformer:
+  """TINY with TINY_ATS and large weights (sharp attention), in eval mode, in `execution`."""
+  model = vit_lib.VisionTransformer(
+    **TINY | TINY_ATS | kwargs, execution=execution, rngs=nnx.Rngs(0)
+  )
+  model.eval()
+  perturb(model, scale=0.5)
+  return model
+
+
+@nnx.jit
+def forward(model, images):
+  """Logits and stats."""
+  return model(images, return_stats=True)
+
+
+# The digits config on a 2-block, 17-token model: a training step compiles in seconds.
+TINY_MODEL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+TINY_TRAINING = dict(
+  ats_blocks=(1,),
+  num_tokens=(17.0,),
+  batch_size=32,
+  eval_batch_size=32,
+  num_steps=6,
+  warmup_epochs=0.1,
+  checkpoint_every_steps=2,
+  keep_checkpoints=10,
+  log_every_steps=1,
+  drop_path=0.2,  # stochastic depth on: resume and sharding must reproduce its draws
+  demo_speed=False,  # the demo's DeiT-S timing line: not the tests'
+)
+# The same config as main.py flags (with --config=configs/digits_ats.py).
+TINY_FLAGS = [f'--config.model_overrides.{k}={v}' for k, v in TINY_MODEL.items()] + [
+  f'--config.{k}={v}' for k, v in TINY_TRAINING.items()
+]
+
+
 def tiny_config(**changes):
-  """The digits config on a 2-block, 17-token model: a training step compiles in seconds."""
+  """The digits config on the tiny model (TINY_MODEL, TINY_TRAINING), then `changes`."""
   config = digits_ats.get_config()
-  config.model_overrides.update(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
-  config.ats_blocks = (1,)
-  config.num_tokens = (17.0,)
-  config.batch_size = config.eval_batch_size = 32
-  config.num_steps = 6
-  config.warmup_epochs = 0.1
-  config.checkpoint_every_steps = 2
-  config.keep_checkpoints = 10
-  config.log_every_steps = 1
-  config.drop_path = 0.2  # stochastic depth on: resume and sharding must reproduce its draws
-  for key, value in changes.items():
+  config.model_overrides.update(TINY_MODEL)
+  for key, value in (TINY_TRAINING | changes).items():
     config[key] = value
   return config
+
+
+def flax_logits(checkpoint, name: str, images: np.ndarray) -> np.ndarray:
+  """Our model's eval logits for `name` loaded from `checkpoint` (a file or converted directory)."""
+  model = create_model(name, checkpoint=checkpoint)
+  model.eval()
+  return np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images)))
 
 
 def loss_fn(model, images, labels, rng=None):

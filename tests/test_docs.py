@@ -43,14 +43,14 @@ COMMANDS = {
   'python main.py --config=configs/deit_s_ats.py --config.mode=evaluate '
   '--config.checkpoint=ckpt/deit_s --config.data.name=folder --config.data.data_dir=ILSVRC2012 '
   '--config.data.eval_split=val --workdir=runs/eval': (
-    'tests/test_image_decoding.py::test_folder_evaluates_to_timms_top1_on_the_same_weights'
+    'tests/data/test_image_decoding.py::test_folder_evaluates_to_timms_top1_on_the_same_weights'
   ),
   'python main.py --config=configs/deit_s.py --workdir=runs/deit_s': (
-    'tests/test_train.py::test_a_run_killed_after_a_checkpoint_resumes_to_the_same_parameters'
+    'tests/training/test_train.py::test_a_run_killed_after_a_checkpoint_resumes_to_the_same_parameters'
   ),
   'python main.py --config=configs/deit_s_ats.py --workdir=runs/ft --config.init_from=ckpt/deit_s '
   '--config.num_epochs=30 --config.base_lr=5e-5 --config.warmup_epochs=0': (
-    'tests/test_train.py::test_init_from_loads_pretrained_weights_and_reinitialises_another_head'
+    'tests/training/test_train.py::test_init_from_loads_pretrained_weights_and_reinitialises_another_head'
   ),
 }
 PYTHON_BLOCKS = 1  # the quickstart's API example, run as written by QUICKSTART

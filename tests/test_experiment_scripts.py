@@ -20,6 +20,7 @@ from tests import ats_reference
 # The demo's config, shrunk: 16 px, 16 patches + cls, 3 blocks, ATS in blocks 1 and 2 (cap 17).
 TINY = (
   '--config=configs/digits_ats.py',
+  '--config.demo_speed=False',
   '--config.num_steps=30',
   '--config.model_overrides.img_size=16',
   '--config.model_overrides.embed_dim=32',

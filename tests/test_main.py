@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import convert.__main__ as convert_cli
-from tests.conftest import random_timm_model, timm_logits
+from tests.references import random_timm_model, timm_logits
 
 NAME = 'deit_tiny_patch16_224'
 

@@ -89,6 +89,7 @@ SHORT = [
   '--config.model_overrides.depth=2',
   '--config.ats_blocks=(1,)',
   '--config.compile_cache_dir=',
+  '--config.demo_speed=False',
 ]
 
 

@@ -24,10 +24,6 @@ from ats_jax.errors import CheckpointError
 _PREFIXES = ('opt/target/', 'params/', 'params/img/')
 
 
-def is_npz_checkpoint(w: Mapping[str, np.ndarray]) -> bool:
-  return any(f'{p}embedding/kernel' in w for p in ('', *_PREFIXES))
-
-
 def npz_to_timm(w: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
   """The timm state dict (PyTorch layouts) of a JAX ViT checkpoint, and its number of heads."""
   prefix = next((p for p in _PREFIXES if f'{p}embedding/kernel' in w), '')

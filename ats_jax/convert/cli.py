@@ -2,7 +2,7 @@
 `.safetensors`) into a Flax checkpoint directory that `create_model(..., checkpoint=DIR)` and
 `main.py` read.
 
-  python -m convert deit_small_patch16_224-cd65a155.pth ckpt/deit_s
+  python -m convert deit_small_patch16_224-cd65a155.pth ckpt/deit_s --model deit_small_patch16_224
   python -m convert deit_base_patch16_224.pth ckpt/deit_b_384 --model deit_base_patch16_384
 
 Bad input ends with one `error: ...` line and exit status 1; the output directory is written whole

@@ -2,25 +2,17 @@
 
 The input pipeline sends uint8 images (a quarter of float32's bytes over PCIe or the host link)
 and, for training, random erasing's boxes; normalisation and the erasing noise run here, where
-they cost nothing next to the model. `normalize` gives the bits `preprocessing.normalize` gives.
+they cost nothing next to the model. `normalize` is `images.normalize`, the one normaliser.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 
-from ats_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from ats_jax.data.images import normalize
 
-
-def normalize(
-  images: jax.Array, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> jax.Array:
-  """uint8 [..., 3] -> float32 (x / 255 - mean) / std, mean and std of [0, 1] values."""
-  x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+__all__ = ['erase', 'normalize']
 
 
 def erase(images: jax.Array, boxes: jax.Array, key: jax.Array) -> jax.Array:

@@ -1,7 +1,11 @@
-"""Images as timm's transforms see them: PIL decoding and DeiT's eval resize and crop, exactly.
+"""Images as timm's transforms see them: PIL decoding, the eval resize and crop, and the one
+normalisation (`normalize`) every path uses: the jitted train and eval steps, predict and the
+experiments.
 
 No TensorFlow: `python -m ats_jax.predict` and the experiments run on a bare accelerator machine;
-the tf.data pipeline (`preprocessing`) calls the same functions inside the graph.
+the tf.data pipeline (`preprocessing`) calls the same functions inside the graph. The preprocessing
+of a checkpoint (`registry.DataConfig`: mean, std, crop_pct, interpolation) comes with its model
+(`model.data_config`, set by `create_model`).
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ats_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from ats_jax.models import registry
 
-CROP_PCT = 0.875
+CROP_PCT = registry.DEIT_DATA.crop_pct
 INTERPOLATIONS = {  # timm's str_to_pil_interp
   'nearest': Image.Resampling.NEAREST,
   'bilinear': Image.Resampling.BILINEAR,
@@ -66,15 +70,29 @@ def resize_and_crop(
   return image.crop((left, top, left + size, top + size))
 
 
-def eval_transform(photo: np.ndarray, size: int, crop_pct: float = CROP_PCT) -> np.ndarray:
-  """DeiT's eval transform as timm runs it: uint8 [h, w, 3] -> float32 [size, size, 3]: bicubic
-  resize of the short side to size / crop_pct, centre crop, ImageNet mean/std."""
-  image = np.asarray(resize_and_crop(Image.fromarray(photo), size, crop_pct), np.float32) / 255
-  return (image - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+def normalize(
+  pixels,
+  mean: tuple[float, ...] = registry.IMAGENET_MEAN,
+  std: tuple[float, ...] = registry.IMAGENET_STD,
+):
+  """uint8 [..., 3] (NumPy, or JAX inside a jitted step) -> float32 (x / 255 - mean) / std, mean
+  and std of [0, 1] values, as timm's ToTensor then Normalize."""
+  x = pixels.astype(np.float32) / np.float32(255.0)
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def denormalize(images: np.ndarray) -> np.ndarray:
+def eval_transform(
+  photo: np.ndarray, size: int, data: registry.DataConfig = registry.DEIT_DATA
+) -> np.ndarray:
+  """timm's eval transform under `data`: uint8 [h, w, 3] -> float32 [size, size, 3]: resize the
+  short side to size / crop_pct, centre crop, normalise. Default: DeiT's (bicubic, 0.875,
+  ImageNet mean/std); a checkpoint's own is `model.data_config`."""
+  image = resize_and_crop(Image.fromarray(photo), size, data.crop_pct, data.interpolation)
+  return normalize(np.asarray(image), data.mean, data.std)
+
+
+def denormalize(images: np.ndarray, data: registry.DataConfig = registry.DEIT_DATA) -> np.ndarray:
   """Model inputs back to displayable RGB in [0, 1] (same shape)."""
   return np.clip(
-    images * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32), 0, 1
+    images * np.asarray(data.std, np.float32) + np.asarray(data.mean, np.float32), 0, 1
   )

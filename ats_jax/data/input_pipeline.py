@@ -189,13 +189,16 @@ def eval_batches(
   )
 
 
-def eval_data_config(config: ml_collections.ConfigDict) -> registry.DataConfig:
+def eval_data_config(
+  config: ml_collections.ConfigDict, model_data: registry.DataConfig | None = None
+) -> registry.DataConfig:
   """Eval preprocessing: each of config.data.{mean, std, crop_pct, interpolation} that is set (not
   None) wins; the rest come from config.data.checkpoint_data (what the evaluated checkpoint
-  records, set by `train.evaluate_checkpoint`), else from the variant's registered weights."""
+  records, set by `train.evaluate_checkpoint`), else `model_data` (a loaded model's
+  `data_config`), else from the variant's registered weights."""
   data = config.data
   variant = registry.DATA.get(config.get('model'), registry.DEIT_DATA)
-  base = data.get('checkpoint_data') or variant.to_json()
+  base = data.get('checkpoint_data') or (model_data or variant).to_json()
   fields = {f: data.get(f) if data.get(f) is not None else base[f] for f in base}
   return registry.DataConfig.from_json(fields)
 

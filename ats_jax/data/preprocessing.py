@@ -17,7 +17,6 @@ import tensorflow as tf
 from PIL import Image
 
 from ats_jax.data import images, randaugment
-from ats_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _bytes(data: bytes | np.ndarray) -> bytes:
@@ -62,14 +61,6 @@ def image_shape(image: tf.Tensor) -> tf.Tensor:
   )
 
 
-def normalize(
-  image: tf.Tensor, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
-) -> tf.Tensor:
-  """uint8 or [0, 255] float [H, W, 3] -> float32 normalised with `mean` and `std` (of [0, 1])."""
-  image = tf.cast(image, tf.float32) / 255.0
-  return (image - tuple(mean)) / tuple(std)
-
-
 def eval_pixels(
   image: tf.Tensor, image_size: int, crop_pct: float = 0.875, interpolation: str = 'bicubic'
 ) -> tf.Tensor:
@@ -84,22 +75,6 @@ def eval_pixels(
     return np.asarray(images.resize_and_crop(_open(x), image_size, crop_pct, interpolation))
 
   return _python_op(run, [image], tf.uint8, (image_size, image_size, 3))
-
-
-def eval_image(
-  image: tf.Tensor,
-  image_size: int,
-  crop_pct: float = 0.875,
-  interpolation: str = 'bicubic',
-  mean: tuple = IMAGENET_MEAN,
-  std: tuple = IMAGENET_STD,
-) -> tf.Tensor:
-  """DeiT eval, normalised: image (bytes or uint8 [h, w, 3]) -> float32 [image_size, image_size, 3].
-
-  The defaults are DeiT's; a checkpoint records its own (`registry.DataConfig`). Eval batches
-  carry eval_pixels; the jitted step normalises them (`device_images.normalize`).
-  """
-  return normalize(eval_pixels(image, image_size, crop_pct, interpolation), mean, std)
 
 
 def _box_sizes(

@@ -22,7 +22,8 @@ def create_model(
   `overrides` replace architecture or runtime fields (`num_classes`, `img_size`, `dtype`,
   `layer_norm_eps`, ...). The class count and LayerNorm epsilon default to the checkpoint's. Loading
   is strict: every parameter must come from the checkpoint with the model's shape, and every
-  checkpoint entry must be used.
+  checkpoint entry must be used. `model.data_config` is the eval preprocessing its inputs expect:
+  what the checkpoint records, else the variant's (`registry.data_config`).
   """
   allowed = set(inspect.signature(vit.VisionTransformer.__init__).parameters) - {'self', 'rngs'}
   unknown = sorted(set(overrides) - allowed - {'layer_norm_eps'})
@@ -33,11 +34,13 @@ def create_model(
   if checkpoint is None:
     model = vit.VisionTransformer(**kwargs | overrides, rngs=nnx.Rngs(seed))
     set_layer_norm_eps(model, vit.LAYER_NORM_EPS if eps is None else eps)
+    model.data_config = registry.data_config(name)
     return model
   loaded = pretrained.load_checkpoint(checkpoint, name)
   model = vit.abstract_model(**kwargs | dict(num_classes=loaded.num_classes) | overrides)
   set_layer_norm_eps(model, loaded.layer_norm_eps if eps is None else eps)
   load_params(model, loaded.params, f'{name} (from {checkpoint})')
+  model.data_config = loaded.data
   return model
 
 

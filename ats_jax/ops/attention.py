@@ -5,7 +5,7 @@ transposes. Logits are float32 whatever the computation dtype (`preferred_elemen
 tokens by them, and bfloat16's 8-bit mantissa would reorder close scores.
 
 Once a token mask exists (after the first ATS block), every attention uses the masked softmax of the
-reference implementation (`../shared/ATS_SPEC.md`, "Masked attention"), per image. Attention needs
+reference implementation (`docs/ats_spec.md`, "Masked attention"), per image. Attention needs
 no weights, only their product with v (ATS scores its tokens with the cls row alone: `cls_logits`,
 `masked_softmax`): `fused_attention` hands it to cuDNN's fused kernel on GPUs in 16-bit floats
 (`jax.nn.dot_product_attention`), to `softmax_attention` elsewhere.

@@ -1,4 +1,4 @@
-"""Adaptive token sampling as pure, fixed-shape functions (`../shared/ATS_SPEC.md`, steps 1-7).
+"""Adaptive token sampling as pure, fixed-shape functions (`docs/ats_spec.md`, steps 1-7).
 
 Everything is per image: padded tokens (mask 0) take no part in the sort, the CDF or the grid, so an
 image samples the same tokens whatever shares its batch. Shapes never depend on the data: the kept

@@ -1,13 +1,15 @@
 """Classify image files with a checkpoint: top-5 ImageNet classes, kept tokens per block, GFLOPs.
 
   python -m ats_jax.predict --checkpoint=ckpt/deit_s --ats_blocks=3,4,5,6,7,8,9,10,11 cat.jpg
-  python -m ats_jax.predict --checkpoint=deit_small_patch16_224-cd65a155.pth a.jpg b.png \
-    --ats_blocks=3,4,5,6,7,8,9,10,11 --num_tokens=197 --save_tokens=/tmp/tokens
+  python -m ats_jax.predict --checkpoint=deit_small_patch16_224-cd65a155.pth \
+    --model=deit_small_patch16_224 --ats_blocks=3,4,5,6,7,8,9,10,11 --save_tokens=/tmp/tok a.jpg
 
 The checkpoint is a converted directory, a `.pth` or a `.safetensors` (the variant read from the
 directory or inferred from the shapes unless `--model` names it). Images are decoded by PIL and
-prepared with DeiT's eval transform. `--save_tokens=DIR` writes DIR/<image>.png: the photo, then per
-ATS block the same photo with the patches that block dropped greyed.
+prepared with the checkpoint's own eval transform (mean, std, crop_pct, interpolation from its
+`ats_jax.json`, else the variant's: DeiT's for deit_*, AugReg's for vit_*). `--save_tokens=DIR`
+writes DIR/<image>.png: the photo, then per ATS block the same photo with the patches that block
+dropped greyed.
 
 Class names (`ats_jax/data/imagenet_classes.txt`, one per line in class order) are the WordNet
 lemmas of ImageNet-1k's classes as timm ships them (`timm/data/_info`, Apache-2.0; WordNet 3.0
@@ -27,7 +29,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from ats_jax import backend
@@ -98,10 +100,11 @@ def predict(
   """Each image's top classes, kept tokens per block and GFLOPs; with `save_tokens` also its
   token picture (DIR/<image name>.png)."""
   names = class_names(model.spec.num_classes)
+  size, data = model.img_size, model.data_config
   out = []
   for start in range(0, len(paths), BATCH):
     chunk = paths[start : start + BATCH]
-    batch = np.stack([images.eval_transform(images.read_image(p), model.img_size) for p in chunk])
+    batch = np.stack([images.eval_transform(images.read_image(p), size, data) for p in chunk])
     probs, stats = jax.device_get(_forward(model, jnp.asarray(batch)))
     for i, path in enumerate(chunk):
       best = np.argsort(-probs[i])[:top]
@@ -126,7 +129,7 @@ def save_token_pictures(
   if not enable.ats_blocks(model):
     raise ValueError('--save_tokens needs ATS blocks: set --ats_blocks')
   os.makedirs(out_dir, exist_ok=True)
-  shown = images.denormalize(batch)
+  shown = images.denormalize(batch, model.data_config)
   written = []
   for i, path in enumerate(paths):
     ids = [block_ids[i] for block_ids in kept_ids]
@@ -164,6 +167,8 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   paths = argv[1:]
+  if FLAGS.verbosity < 1:  # results and `error:` lines only; INFO lines with --verbosity=1
+    logging.set_verbosity(logging.WARNING)
   runtime.quiet_library_logs()
   cache = runtime.enable_compile_cache(FLAGS.compile_cache_dir)
   try:
@@ -185,8 +190,13 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  """The console entry point: flags defined here, so importing the module defines none."""
+  """The console entry point (`ats-jax-predict`, `python -m ats_jax.predict`): flags defined here,
+  so importing the module defines none."""
   define_flags()
+  flags.adopt_module_key_flags(sys.modules[__name__])  # --help lists them
+  entry = sys.modules['__main__']
+  if not entry.__doc__:  # absl's --help prints __main__'s docstring: a console script has none
+    entry.__doc__ = __doc__
   app.run(main)
 
 

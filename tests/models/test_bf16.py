@@ -11,8 +11,8 @@ from experiments.photos import photos
 from experiments.token_stats import sharpen_attention
 
 NAME, ATS_BLOCKS, IMAGES = 'deit_small_patch16_224', tuple(range(3, 12)), 48
-# Padded execution: budgeted and packed keep padded's tokens and logits (tests/test_budgeted.py,
-# tests/test_packing.py) and compile longer on this CPU.
+# Padded execution: budgeted and packed keep padded's tokens and logits (tests/layout/) and
+# compile longer on this CPU.
 EXECUTION = 'padded'
 
 

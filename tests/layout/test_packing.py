@@ -16,9 +16,7 @@ from ats_jax.layout import Execution, slots, streams, token_map
 from ats_jax.models import create_model
 from ats_jax.models import vit as vit_lib
 from experiments.photos import photos
-from tests.helpers import TINY, assert_same_gradients, loss_fn, perturb
-
-ATS = dict(ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10))
+from tests.helpers import TINY, assert_same_gradients, loss_fn, sharp_model
 
 
 def test_attention_ladder_is_geometric_from_an_eighth_never_under_eight_slots():
@@ -120,16 +118,8 @@ def test_token_map_in_chunks_applies_fn_to_real_tokens_only_with_its_gradient(nu
 
 def pair(**kwargs):
   """The same (large) weights in padded and packed execution, with small ladders."""
-  models = []
-  for execution in ('padded', 'packed'):
-    model = vit_lib.VisionTransformer(
-      **TINY | ATS | kwargs, execution=execution, pack_chunks=3, attention_sizes=3,
-      rngs=nnx.Rngs(0),
-    )  # fmt: skip
-    model.eval()
-    perturb(model, scale=0.5)
-    models.append(model)
-  return models
+  small = dict(pack_chunks=3, attention_sizes=3)
+  return [sharp_model(execution, **small | kwargs) for execution in ('padded', 'packed')]
 
 
 def test_packed_equals_padded_on_real_photos_at_batch_1_to_16_with_one_compilation_each():

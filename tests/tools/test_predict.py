@@ -17,8 +17,8 @@ from PIL import Image
 from ats_jax.data import images
 from ats_jax.models import flops, get_spec
 from ats_jax.tools import predict
-from tests.conftest import random_timm_model
-from tests.test_train import ENV
+from tests.helpers import ENV
+from tests.references import random_timm_model
 
 NAME = 'deit_tiny_patch16_224'
 ATS = ','.join(map(str, range(3, 12)))

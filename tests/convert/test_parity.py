@@ -7,41 +7,22 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.torch
-import torch
 from flax import nnx
 from timm.models import deit as timm_deit
 
 import convert.__main__ as convert_cli
 from ats_jax.models import MODELS, create_model
-from tests.conftest import random_timm_model, timm_logits
+from tests.helpers import flax_logits
+from tests.references import random_timm_model, save_checkpoint, timm_logits
 
 FORMATS = ('deit_pth', 'bare_pth', 'safetensors')
-
-
-def save(model: torch.nn.Module, path_stem, fmt: str) -> str:
-  """Saves the state dict as DeiT releases it (`{'model': sd}`), bare, or as safetensors."""
-  state_dict = model.state_dict()
-  if fmt == 'safetensors':
-    path = f'{path_stem}.safetensors'
-    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
-  else:
-    path = f'{path_stem}.pth'
-    torch.save({'model': state_dict, 'epoch': 300} if fmt == 'deit_pth' else state_dict, path)
-  return path
-
-
-def flax_logits(checkpoint, name: str, images: np.ndarray) -> np.ndarray:
-  model = create_model(name, checkpoint=checkpoint)
-  model.eval()
-  return np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images)))
 
 
 @pytest.mark.parametrize('name', [n for n in MODELS if n.startswith('deit_')])
 def test_cli_conversion_matches_timm(name, tmp_path, images, capsys):
   fmt = FORMATS[list(MODELS).index(name) % len(FORMATS)]
   reference = random_timm_model(name)
-  src = save(reference, tmp_path / 'src', fmt)
+  src = save_checkpoint(reference, tmp_path / 'src', fmt)
   out = tmp_path / 'converted'
 
   # Distilled variants are inferred; the others share their keys with vit_* and need --model.
@@ -62,7 +43,7 @@ def test_cli_conversion_matches_timm(name, tmp_path, images, capsys):
 def test_file_checkpoint_loads_on_the_fly(tmp_path, images):
   """`create_model(checkpoint=x.pth)` converts in memory and equals the converted directory."""
   reference = random_timm_model('deit_tiny_patch16_224', seed=1)
-  src = save(reference, tmp_path / 'src', 'deit_pth')
+  src = save_checkpoint(reference, tmp_path / 'src', 'deit_pth')
   x = images(batch=2)
   np.testing.assert_allclose(
     flax_logits(src, 'deit_tiny_patch16_224', x), timm_logits(reference, x), rtol=0, atol=1e-4
@@ -72,7 +53,7 @@ def test_file_checkpoint_loads_on_the_fly(tmp_path, images):
 def test_pos_embed_resized_as_timm_does(tmp_path, images, capsys):
   """A 224 checkpoint converted for the 384 model gives the logits timm gives loading it at 384."""
   src_model = random_timm_model('deit_base_patch16_224', seed=2)
-  src = save(src_model, tmp_path / 'src', 'deit_pth')
+  src = save_checkpoint(src_model, tmp_path / 'src', 'deit_pth')
   out = tmp_path / 'converted'
   assert convert_cli.main([src, str(out), '--model', 'deit_base_patch16_384']) == 0
   assert 'pos_embed resized from 196 to 576 patches' in capsys.readouterr().out
@@ -87,7 +68,7 @@ def test_pos_embed_resized_as_timm_does(tmp_path, images, capsys):
 
 def test_bfloat16_computation_keeps_float32_params(tmp_path, images):
   reference = random_timm_model('deit_tiny_patch16_224', seed=3)
-  src = save(reference, tmp_path / 'src', 'safetensors')
+  src = save_checkpoint(reference, tmp_path / 'src', 'safetensors')
   model = create_model('deit_tiny_patch16_224', checkpoint=src, dtype=jnp.bfloat16)
   model.eval()
   assert model.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32
@@ -103,7 +84,7 @@ def test_bfloat16_computation_keeps_float32_params(tmp_path, images):
 def test_converted_checkpoint_loads_unchanged_into_an_ats_model(tmp_path, images):
   """ATS adds no parameters: the dense checkpoint loads into it as it is."""
   reference = random_timm_model('deit_small_patch16_224', seed=5)
-  src = save(reference, tmp_path / 'src', 'deit_pth')
+  src = save_checkpoint(reference, tmp_path / 'src', 'deit_pth')
   out = tmp_path / 'converted'
   assert convert_cli.main([src, str(out), '--model', 'deit_small_patch16_224']) == 0
   x = images(batch=2)

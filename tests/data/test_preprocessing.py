@@ -24,7 +24,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import InterpolationMode
 
-from ats_jax.data import preprocessing, randaugment
+from ats_jax.data import images, preprocessing, randaugment
 
 
 @pytest.fixture(scope='module')
@@ -124,11 +124,12 @@ def test_sample_ops_statistics():
 
 @pytest.mark.parametrize('crop', [None, (300, 250), (250, 500)])
 @pytest.mark.parametrize('interpolation', ['bicubic', 'bilinear'])
-def test_eval_image_equals_timms(photo, crop, interpolation):
+def test_eval_pixels_normalised_equal_timms(photo, crop, interpolation):
   image = photo if crop is None else photo[: crop[0], : crop[1]]
   transform = create_transform(224, is_training=False, interpolation=interpolation, crop_pct=0.875)
   expected = transform(Image.fromarray(image)).permute(1, 2, 0).numpy()
-  got = preprocessing.eval_image(tf.constant(image), 224, interpolation=interpolation).numpy()
+  pixels = preprocessing.eval_pixels(tf.constant(image), 224, interpolation=interpolation).numpy()
+  got = images.normalize(pixels)
   assert got.shape == (224, 224, 3) and got.dtype == np.float32
   np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)  # the same pixels, normalised
 

@@ -17,10 +17,10 @@ import torch
 
 import convert.__main__ as convert_cli
 from ats_jax.convert import pretrained, torch_pickle
-from tests.conftest import random_timm_model
+from tests.references import random_timm_model
 
 NAME = 'deit_tiny_patch16_224'
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tricky_state_dict() -> collections.OrderedDict:

@@ -19,6 +19,7 @@ from sklearn.datasets import load_sample_images
 from timm.data import create_transform
 
 from ats_jax.data import device_images, images, input_pipeline, preprocessing
+from ats_jax.models import registry
 from configs import default
 
 SIZE = 16  # the train and TFDS checks: the decode is what they test, not the resize
@@ -117,8 +118,8 @@ def test_folder_eval_equals_timm_deit_eval_transform(photo_dir):
     is_training=False,
     interpolation='bicubic',
     crop_pct=0.875,
-    mean=preprocessing.IMAGENET_MEAN,
-    std=preprocessing.IMAGENET_STD,
+    mean=registry.IMAGENET_MEAN,
+    std=registry.IMAGENET_STD,
   )
   assert batch['mask'].all()
   np.testing.assert_array_equal(batch['label'], np.arange(len(encoded_files())))
@@ -189,7 +190,7 @@ def test_folder_evaluates_to_timms_top1_on_the_same_weights(photo_dir):
 
   from ats_jax.convert import pretrained
   from ats_jax.models import create_model, load_params
-  from tests.conftest import random_timm_model
+  from tests.references import random_timm_model
 
   name = 'deit_tiny_patch16_224'
   reference = random_timm_model(name)

@@ -24,11 +24,8 @@ from ats_jax.data import device_images, input_pipeline
 from ats_jax.models import vit
 from ats_jax.training import optim, sharding, train
 from configs import digits_ats
-from tests.conftest import random_timm_model
-from tests.helpers import tiny_config
-from tests.test_parity import save
-
-ENV = {'JAX_PLATFORMS': 'cpu', 'PATH': os.environ.get('PATH', ''), 'TF_CPP_MIN_LOG_LEVEL': '3'}
+from tests.helpers import ENV, TINY_FLAGS, tiny_config
+from tests.references import random_timm_model, save_checkpoint
 
 
 @pytest.mark.parametrize('mixing', [False, True], ids=['smoothing', 'mixup_cutmix_smoothing'])
@@ -99,7 +96,7 @@ def test_evaluation_counts_every_example_once_with_a_partial_last_batch():
 
 def run_main(workdir, *overrides: str, devices: int = 1) -> subprocess.Popen:
   """main.py training the tiny config in a subprocess with `devices` simulated CPU devices."""
-  args = [f'--config.{k}' for k in TINY_FLAGS] + list(overrides)
+  args = [*TINY_FLAGS, *overrides]
   env = ENV | {'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
   return subprocess.Popen(
     [sys.executable, 'main.py', '--config=configs/digits_ats.py', f'--workdir={workdir}', *args],
@@ -108,25 +105,6 @@ def run_main(workdir, *overrides: str, devices: int = 1) -> subprocess.Popen:
     text=True,
     env=env,
   )
-
-
-TINY_FLAGS = [
-  'model_overrides.img_size=16',
-  'model_overrides.patch_size=4',
-  'model_overrides.embed_dim=32',
-  'model_overrides.depth=2',
-  'model_overrides.num_heads=2',
-  'ats_blocks=(1,)',
-  'num_tokens=(17.,)',
-  'batch_size=32',
-  'eval_batch_size=32',
-  'num_steps=6',
-  'warmup_epochs=0.1',
-  'checkpoint_every_steps=2',
-  'keep_checkpoints=10',
-  'log_every_steps=1',
-  'drop_path=0.2',  # stochastic depth on: resume and sharding must reproduce its draws
-]
 
 
 def finish(proc: subprocess.Popen) -> tuple[str, str]:
@@ -277,7 +255,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path):
 def test_init_from_loads_pretrained_weights_and_reinitialises_another_head(tmp_path, fmt):
   """Fine-tuning an ImageNet DeiT-T (1000 classes) on digits: all but the head come from timm."""
   reference = random_timm_model('deit_tiny_patch16_224', seed=3)
-  path = save(reference, tmp_path / 'w', 'deit_pth')
+  path = save_checkpoint(reference, tmp_path / 'w', 'deit_pth')
   if fmt == 'converted':
     assert convert_cli.main([path, str(tmp_path / 'ckpt'), '--model', 'deit_tiny_patch16_224']) == 0
     path = str(tmp_path / 'ckpt')

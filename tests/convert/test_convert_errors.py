@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import convert.__main__ as convert_cli
 from ats_jax.convert.timm import resize_pos_embed
 from ats_jax.models import CheckpointError, create_model
-from tests.conftest import random_timm_model
+from tests.references import random_timm_model
 
 NAME = 'deit_tiny_patch16_224'
 

@@ -24,28 +24,14 @@ from ats_jax.models import create_model
 from ats_jax.models import vit as vit_lib
 from ats_jax.training import optim, train
 from experiments.photos import photos
-from tests.helpers import TINY, assert_same_gradients, loss_fn, perturb, tiny_config
+from tests.helpers import TINY, assert_same_gradients, forward, loss_fn, sharp_model, tiny_config
 
-ATS = dict(ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10))
 EXACT = Execution(mode='budgeted', search='scan_unrolled', budget_align=1)  # any row count
-
-
-def model_with(execution, **kwargs) -> vit_lib.VisionTransformer:
-  """TINY with ATS and large weights (sharp attention: images keep different token counts)."""
-  model = vit_lib.VisionTransformer(**TINY | ATS | kwargs, execution=execution, rngs=nnx.Rngs(0))
-  model.eval()
-  perturb(model, scale=0.5)
-  return model
-
-
-@nnx.jit
-def forward(model, images):
-  return model(images, return_stats=True)
 
 
 def counts(images) -> np.ndarray:
   """Padded execution's per-block real tokens of the batch [depth]: what budgets must hold."""
-  return np.asarray(forward(model_with('padded'), images)[1]['stream_tokens'])
+  return np.asarray(forward(sharp_model('padded'), images)[1]['stream_tokens'])
 
 
 def with_budgets(model, budgets) -> vit_lib.VisionTransformer:
@@ -68,8 +54,8 @@ def runner_steps(model, seen: list):
 
 
 def test_budgeted_equals_padded_on_real_photos_at_batch_1_to_16():
-  padded = model_with('padded')
-  budgeted = model_with(dataclasses.replace(EXACT, budget_align=16))
+  padded = sharp_model('padded')
+  budgeted = sharp_model(dataclasses.replace(EXACT, budget_align=16))
   images = jnp.asarray(photos(28, size=32))
   for batch in (1, 4, 16):
     for start in (0, 12):
@@ -88,12 +74,12 @@ def test_budgeted_equals_padded_on_real_photos_at_batch_1_to_16():
 def test_overflow_is_flagged_exactly_when_a_block_keeps_more_tokens_than_its_budget():
   images = jnp.asarray(photos(8, size=32))
   need = counts(images)
-  ref = forward(model_with('padded'), images)[0]
+  ref = forward(sharp_model('padded'), images)[0]
   for block in (1, 2, 3):
     for slack, overflow in ((0, False), (-1, True)):
       budgets_ = [None] * 4
       budgets_[block] = int(need[block]) + slack
-      logits, stats = forward(model_with(EXACT.with_budgets(tuple(budgets_))), images)
+      logits, stats = forward(sharp_model(EXACT.with_budgets(tuple(budgets_))), images)
       assert bool(stats['overflow']) is overflow, (block, slack)
       if not overflow:  # a budget of exactly the tokens kept is enough
         np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
@@ -101,10 +87,10 @@ def test_overflow_is_flagged_exactly_when_a_block_keeps_more_tokens_than_its_bud
 
 def test_runner_re_runs_an_overflowed_batch_padded_and_raises_the_budgets():
   images = jnp.asarray(photos(16, size=32))
-  padded = model_with('padded')
+  padded = sharp_model('padded')
   ref_logits, ref_stats = forward(padded, images)
   tiny_rows = (None, 16, 16, 16)  # far below the 16 x 4-8 tokens each block keeps
-  model = model_with(dataclasses.replace(EXACT, budget_align=16, budgets=tiny_rows))
+  model = sharp_model(dataclasses.replace(EXACT, budget_align=16, budgets=tiny_rows))
   runner = budgets.BudgetRunner.for_model(model, batch_per_device=16)
   assert not runner.adapt  # explicit budgets are kept until one overflows
   seen = []
@@ -125,7 +111,7 @@ def test_runner_re_runs_an_overflowed_batch_padded_and_raises_the_budgets():
 def test_runner_calibrates_on_its_first_batch_and_lowers_budgets_only_after_patience():
   images = jnp.asarray(photos(16, size=32))
   full, light = images, images[:4]  # 4 images keep fewer tokens than 16
-  model = model_with(dataclasses.replace(EXACT, budget_align=16))
+  model = sharp_model(dataclasses.replace(EXACT, budget_align=16))
   runner = budgets.BudgetRunner.for_model(model, batch_per_device=16, patience=3, margin=0.0)
   assert runner.adapt and runner.budgets == () and runner.slots == (None, 240, 192, 160)
   sizes = []
@@ -153,7 +139,7 @@ def test_runner_calibrates_on_its_first_batch_and_lowers_budgets_only_after_pati
 def test_gradients_equal_padded_mode():
   images = jnp.asarray(photos(16, size=32))
   rows = (None, *(-(-int(n) // 128) * 128 for n in counts(images)[1:]))
-  assert_same_gradients(model_with('padded'), model_with('budgeted', budgets=rows), images)
+  assert_same_gradients(sharp_model('padded'), sharp_model('budgeted', budgets=rows), images)
 
 
 def train_setup(budgets_):
@@ -232,7 +218,7 @@ def test_budgeted_forward_and_train_step_have_no_while_or_conditional():
   images = jnp.asarray(photos(16, size=32))
   for execution, loops in (('budgeted', False), ('packed', True)):
     rows = (None, 256, 256, 256) if execution == 'budgeted' else None
-    model = model_with(execution, budgets=rows)
+    model = sharp_model(execution, budgets=rows)
     graphdef, state = nnx.split(model)
     fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x, return_stats=True))
     lowered = fn.lower(state, images)
@@ -280,28 +266,28 @@ SCRIPT = textwrap.dedent("""
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
   from ats_jax.layout import Execution
-  from tests.test_budgeted import model_with, forward
+  from tests.helpers import forward, sharp_model
   from experiments.photos import photos
 
   assert jax.device_count() == 8
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   images = jnp.asarray(photos(32, size=32))
-  ref_logits, ref_stats = forward(model_with('padded'), images)  # one device
+  ref_logits, ref_stats = forward(sharp_model('padded'), images)  # one device
   sharded = jax.device_put(images, NamedSharding(mesh, P('data')))
   with jax.set_mesh(mesh):
-    need = np.asarray(forward(model_with('padded'), sharded)[1]['stream_tokens'])
+    need = np.asarray(forward(sharp_model('padded'), sharded)[1]['stream_tokens'])
     per_device = np.asarray(ref_stats['kept_tokens']).reshape(8, 4, -1).sum(1)
     np.testing.assert_array_equal(need, per_device.max(0))  # the fullest device's count
     rows = (None, *(int(n) for n in need[1:]))
     exact = Execution(mode='budgeted', search='scan_unrolled', budget_align=1)
-    hlo = nnx.jit(forward).lower(model_with(exact.with_budgets(rows)), sharded).as_text()
-    logits, stats = forward(model_with(exact.with_budgets(rows)), sharded)
+    hlo = nnx.jit(forward).lower(sharp_model(exact.with_budgets(rows)), sharded).as_text()
+    logits, stats = forward(sharp_model(exact.with_budgets(rows)), sharded)
     assert 'shard_map' in hlo or 'manual' in hlo, 'budgeted streams must run per device'
     assert not bool(stats['overflow'])
     np.testing.assert_array_equal(stats['kept_tokens'], ref_stats['kept_tokens'])
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
     short = (None, int(need[1]) - 1, *rows[2:])  # the fullest device one row short: flagged
-    assert bool(forward(model_with(exact.with_budgets(short)), sharded)[1]['overflow'])
+    assert bool(forward(sharp_model(exact.with_budgets(short)), sharded)[1]['overflow'])
     assert len({tuple(t) for t in per_device[:, 1:].tolist()}) > 1  # devices differ
   print('ok')
 """)

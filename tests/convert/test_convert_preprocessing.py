@@ -17,8 +17,8 @@ from ats_jax.data import device_images, input_pipeline
 from ats_jax.models import MODELS, registry, vit
 from ats_jax.training import train
 from configs import default, digits_ats
-from tests.conftest import random_timm_model, timm_logits
-from tests.test_parity import flax_logits
+from tests.helpers import flax_logits
+from tests.references import random_timm_model, timm_logits
 
 
 @pytest.mark.parametrize('name', [n for n in MODELS if n.startswith('vit_')])

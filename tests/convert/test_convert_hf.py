@@ -5,49 +5,16 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers  # a test requirement: a missing reference fails, never skips
-from flax import nnx
 
-import convert.__main__ as convert_cli  # noqa: E402
-from ats_jax.convert import pretrained  # noqa: E402
-from ats_jax.models import create_model, registry
-from tests.conftest import perturbed  # noqa: E402
-
-TINY = dict(
-  hidden_size=192,
-  num_hidden_layers=12,
-  num_attention_heads=3,
-  intermediate_size=768,
-  image_size=224,
-  patch_size=16,
-  num_labels=10,
-)
-
-
-def random_hf_model(kind: str, seed: int = 0) -> torch.nn.Module:
-  """A transformers ViT or DeiT-with-teacher of DeiT-Ti's shape, every weight perturbed."""
-  torch.manual_seed(seed)
-  if kind == 'vit':
-    model = transformers.ViTForImageClassification(transformers.ViTConfig(**TINY))
-  else:
-    model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**TINY))
-  return perturbed(model)
-
-
-def hf_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-  with torch.no_grad():
-    pixels = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)
-    return model(pixel_values=pixels).logits.numpy()
-
-
-def flax_logits(checkpoint, name: str, images: np.ndarray) -> np.ndarray:
-  model = create_model(name, checkpoint=checkpoint)
-  model.eval()
-  return np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images)))
+import convert.__main__ as convert_cli
+from ats_jax.convert import pretrained
+from ats_jax.models import registry
+from tests.helpers import flax_logits
+from tests.references import HF_TINY, hf_logits, random_hf_model
 
 
 @pytest.mark.parametrize(
@@ -96,7 +63,7 @@ def test_hf_vit_config_does_not_say_which_family(tmp_path, capsys):
 
 def test_hf_head_count_must_match_the_variant(tmp_path):
   torch.manual_seed(0)
-  config = transformers.ViTConfig(**TINY | dict(num_attention_heads=4))
+  config = transformers.ViTConfig(**HF_TINY | dict(num_attention_heads=4))
   transformers.ViTForImageClassification(config).save_pretrained(tmp_path / 'hf')
   with pytest.raises(pretrained.CheckpointError, match='4 heads but vit_tiny_patch16_224 has 3'):
     pretrained.convert_file(tmp_path / 'hf', 'vit_tiny_patch16_224')

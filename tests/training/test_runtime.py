@@ -16,7 +16,7 @@ from flax import nnx
 from ats_jax import backend
 from ats_jax.models import vit
 from ats_jax.training import runtime, sharding, train
-from tests.test_train import ENV, TINY_FLAGS, tiny_config
+from tests.helpers import ENV, TINY_FLAGS, tiny_config
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ QUICK_FLAGS = ('--config.pack_chunks=1', '--config.attention_sizes=1')
 def run_main(workdir, *overrides: str, counts=None) -> subprocess.CompletedProcess:
   """main.py on the tiny digits config, stderr a pipe (not a terminal), as in a log file; with
   `counts` (a path) JAX's compile counters are written there as JSON."""
-  args = [f'--config.{k}' for k in TINY_FLAGS] + ['--config.eval_batch_size=120', *QUICK_FLAGS]
+  args = [*TINY_FLAGS, '--config.eval_batch_size=120', *QUICK_FLAGS]
   command = ['-c', COUNTING_MAIN, str(counts)] if counts else ['main.py']
   return subprocess.run(
     [sys.executable, *command, '--config=configs/digits_ats.py', f'--workdir={workdir}', *args]

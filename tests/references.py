@@ -1,22 +1,81 @@
-"""JAX ViT `.npz` checkpoints (vision_transformer and big_vision naming) convert to the logits timm
-gives after its own `_load_weights` of the same file."""
+"""The PyTorch references the tests compare against (timm, transformers), with random weights, and
+the checkpoint files they write (DeiT `.pth`, safetensors, JAX `.npz`).
+
+Imported by `conftest.py` before anything imports TensorFlow: torch's triton loaded after
+TensorFlow crashes the interpreter.
+"""
 
 from __future__ import annotations
 
-import json
-
-import jax.numpy as jnp
 import numpy as np
-import pytest
+import safetensors.torch
 import timm
-from flax import nnx
-from timm.models.vision_transformer import _load_weights
+import torch
+import transformers  # a test requirement: a missing reference fails, never skips
 
-import convert.__main__ as convert_cli
-from ats_jax.models import create_model, registry
-from tests.conftest import random_timm_model, timm_logits
+from ats_jax.models import registry
 
-NAME = 'vit_tiny_patch16_224'
+NPZ_NAME = 'vit_tiny_patch16_224'  # the variant the `.npz` writers serialise
+
+
+def random_timm_model(name: str, seed: int = 0) -> torch.nn.Module:
+  """timm's `name` in eval mode with every parameter perturbed, so no weight is a trivial 0 or 1."""
+  torch.manual_seed(seed)
+  return perturbed(timm.create_model(name, pretrained=False))
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+  """`model` in eval mode with N(0, 0.05) noise on every parameter (seed the generator first)."""
+  model.eval()
+  with torch.no_grad():
+    for param in model.parameters():
+      param.add_(torch.randn_like(param) * 0.05)
+  return model
+
+
+def timm_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+  """timm's logits for NHWC images."""
+  with torch.no_grad():
+    return model(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)).numpy()
+
+
+def save_checkpoint(model: torch.nn.Module, path_stem, fmt: str) -> str:
+  """Saves the state dict as DeiT releases it (`{'model': sd}`), bare, or as safetensors."""
+  state_dict = model.state_dict()
+  if fmt == 'safetensors':
+    path = f'{path_stem}.safetensors'
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
+  else:
+    path = f'{path_stem}.pth'
+    torch.save({'model': state_dict, 'epoch': 300} if fmt == 'deit_pth' else state_dict, path)
+  return path
+
+
+HF_TINY = dict(
+  hidden_size=192,
+  num_hidden_layers=12,
+  num_attention_heads=3,
+  intermediate_size=768,
+  image_size=224,
+  patch_size=16,
+  num_labels=10,
+)
+
+
+def random_hf_model(kind: str, seed: int = 0) -> torch.nn.Module:
+  """A transformers ViT or DeiT-with-teacher of DeiT-Ti's shape, every weight perturbed."""
+  torch.manual_seed(seed)
+  if kind == 'vit':
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(**HF_TINY))
+  else:
+    model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**HF_TINY))
+  return perturbed(model)
+
+
+def hf_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    pixels = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)
+    return model(pixel_values=pixels).logits.numpy()
 
 
 def to_npz(state_dict, scheme: str, prefix: str) -> dict[str, np.ndarray]:
@@ -29,7 +88,7 @@ def to_npz(state_dict, scheme: str, prefix: str) -> dict[str, np.ndarray]:
   """
   sd = {k: v.detach().numpy() for k, v in state_dict.items()}
   dim = sd['cls_token'].shape[-1]
-  heads = registry.get_spec(NAME).num_heads
+  heads = registry.get_spec(NPZ_NAME).num_heads
   w = {
     'embedding/kernel': sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0),
     'embedding/bias': sd['patch_embed.proj.bias'],
@@ -79,55 +138,8 @@ def to_npz(state_dict, scheme: str, prefix: str) -> dict[str, np.ndarray]:
 
 
 def write_npz(tmp_path, scheme: str, prefix: str, seed: int = 0, drop=(), add=None):
-  w = to_npz(random_timm_model(NAME, seed=seed).state_dict(), scheme, prefix)
+  w = to_npz(random_timm_model(NPZ_NAME, seed=seed).state_dict(), scheme, prefix)
   w = {k: v for k, v in w.items() if k.removeprefix(prefix) not in drop} | (add or {})
   path = tmp_path / f'{scheme}.npz'
   np.savez(path, **w)
   return path
-
-
-@pytest.mark.parametrize(
-  'scheme,prefix',
-  [('vision_transformer', ''), ('vision_transformer', 'opt/target/'), ('big_vision', 'params/')],
-)
-def test_npz_matches_timms_load_weights(tmp_path, images, capsys, scheme, prefix):
-  src = write_npz(tmp_path, scheme, prefix)
-  # big_vision adds positions before prepending cls: timm models that as no_embed_class.
-  reference = timm.create_model(NAME, pretrained=False, no_embed_class=scheme == 'big_vision')
-  _load_weights(reference.eval(), str(src))
-  out = tmp_path / 'converted'
-  assert convert_cli.main([str(src), str(out)]) == 0  # .npz is AugReg/original ViT: vit_* inferred
-  meta = json.loads((out / 'ats_jax.json').read_text())
-  assert meta['model'] == NAME
-  assert meta['data'] == registry.VIT_DATA_224.to_json()
-  assert meta['data']['mean'] == [0.5, 0.5, 0.5] and meta['data']['crop_pct'] == 0.9
-  assert 'preprocess  mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5), crop_pct 0.9, bicubic' in (
-    capsys.readouterr().out
-  )
-
-  x = images(batch=2)
-  model = create_model(NAME, checkpoint=out)
-  model.eval()
-  got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x)))
-  expected = timm_logits(reference, x)
-  print(f'{scheme} {prefix!r}: max |logit diff| {np.abs(got - expected).max():.2e}')
-  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
-  assert np.abs(expected).max() > 0.5
-
-
-@pytest.mark.parametrize(
-  'drop,add,message',
-  [
-    (('cls',), None, 'pools by GAP'),
-    ((), {'params/MAPHead_0/probe': np.zeros((1, 1, 192))}, 'pools by a MAP head'),
-    ((), {'params/pre_logits/kernel': np.zeros((192, 192))}, 'pre_logits'),
-    (('head/kernel', 'head/bias'), None, 'no classification head'),
-    ((), {'params/Transformer/extra/scale': np.zeros(3)}, 'no ViT layer uses'),
-  ],
-)
-def test_npz_that_cannot_serve_ats_ends_with_one_error_line(tmp_path, capsys, drop, add, message):
-  src = write_npz(tmp_path, 'big_vision', 'params/', drop=drop, add=add)
-  assert convert_cli.main([str(src), str(tmp_path / 'out')]) == 1
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith('error: ') and message in err[0], err
-  assert not (tmp_path / 'out').exists()
