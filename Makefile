@@ -26,8 +26,8 @@ lint: $(VENV)/.test
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist=loadfile
 
 # The inner loop: unit tests on tiny models (no DeiT-S compiles, no subprocess runs of main.py).
 test-fast: $(VENV)/.test
-	$(PY) -m pytest tests/ops/test_attention.py tests/ops/test_ats.py tests/models/test_flops_and_zoo.py tests/test_docs.py tests/convert/test_convert_errors.py
+	$(PY) -m pytest -n 2 tests/ops/test_attention.py tests/ops/test_ats.py tests/models/test_flops_and_zoo.py tests/test_docs.py tests/convert/test_convert_errors.py
