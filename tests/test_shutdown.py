@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -54,17 +55,22 @@ def test_a_script_taking_a_few_batches_from_a_jpeg_folder_exits(tmp_path):
   assert time.monotonic() - start < 30
 
 
-def run_timed(args: list[str], until: str, sigterm_at: str | None = None) -> tuple[float, str]:
+def run_timed(
+  args: list[str], until: str, sigterm_at: str | None = None, timeout: float = 300
+) -> tuple[float, str]:
   """Runs main.py; returns (seconds from the last line containing `until` to the exit, output).
-  With `sigterm_at`, sends SIGTERM once a line contains it."""
+  With `sigterm_at`, sends SIGTERM once a line contains it. A run still going after `timeout` s
+  gets SIGABRT, so the failure shows where each of its threads was (faulthandler)."""
   proc = subprocess.Popen(
     [sys.executable, 'main.py', *args],
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
-    env=ENV,
+    env={**ENV, 'PYTHONFAULTHANDLER': '1'},
     cwd=ROOT,
   )
+  watchdog = threading.Timer(timeout, proc.send_signal, [signal.SIGABRT])
+  watchdog.start()
   lines, seen = [], None
   try:
     for line in proc.stdout:
@@ -76,9 +82,10 @@ def run_timed(args: list[str], until: str, sigterm_at: str | None = None) -> tup
         sigterm_at = None
     proc.wait(timeout=60)
   finally:
+    watchdog.cancel()
     proc.kill()
   output = ''.join(lines)
-  assert proc.returncode == 0, output[-3000:]
+  assert proc.returncode == 0, output[-8000:]
   assert seen is not None, output[-3000:]
   return time.monotonic() - seen, output
 

@@ -44,7 +44,9 @@ class Checkpointer:
 class Preemption:
   """Notices SIGTERM (a cluster's preemption notice): training saves at the next step and exits.
 
-  On several hosts JAX's own preemption sync point makes every host agree on the same step.
+  The handler only sets a flag: it runs wherever the main thread happens to be, and anything more
+  (a log line) can raise there, be swallowed by that code's own error handling and lose the
+  notice. On several hosts JAX's own preemption sync point makes every host agree on the same step.
   """
 
   def __init__(self):
@@ -54,10 +56,11 @@ class Preemption:
 
   def _handle(self, signum, frame) -> None:
     del signum, frame
-    logging.warning('SIGTERM: saving a checkpoint at the next step, then exiting')
     self.requested = True
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
+    if self.requested:  # the loop saves and returns at this step
+      logging.warning('SIGTERM: saving a checkpoint at step %d, then exiting', step)
     return self.requested

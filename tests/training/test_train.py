@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing import event_accumulator
 import convert.__main__ as convert_cli
 from ats_jax.data import device_images, input_pipeline
 from ats_jax.models import vit
-from ats_jax.training import optim, sharding, train
+from ats_jax.training import checkpointing, optim, sharding, train
 from configs import digits_ats
 from tests.helpers import ENV, TINY_FLAGS, tiny_config
 from tests.references import random_timm_model, save_checkpoint
@@ -249,6 +249,24 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path):
   assert step is not None and 0 < step < 100000
   params = final_params(config, tmp_path)
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_a_sigterm_is_noticed_even_where_a_log_line_would_raise(monkeypatch):
+  """The handler runs wherever the main thread is. Inside a write to stderr that the signal
+  interrupted, a log line of its own raised ('reentrant call') and the notice was lost."""
+
+  def reentrant(*args, **kwargs):
+    raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+  previous = signal.getsignal(signal.SIGTERM)
+  try:
+    preemption = checkpointing.Preemption()
+    with monkeypatch.context() as patch:
+      patch.setattr(checkpointing.logging, 'warning', reentrant)
+      signal.raise_signal(signal.SIGTERM)
+    assert preemption.reached(1)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.mark.parametrize('fmt', ['converted', 'deit_pth'])
