@@ -9,6 +9,7 @@ from flax import nnx
 from ats_jax.models import create_model
 from experiments.photos import photos
 from experiments.token_stats import sharpen_attention
+from tests.helpers import forward
 
 NAME, ATS_BLOCKS, IMAGES = 'deit_small_patch16_224', tuple(range(3, 12)), 48
 # Padded execution: budgeted and packed keep padded's tokens and logits (tests/layout/) and
@@ -44,8 +45,8 @@ def test_bfloat16_deit_s_keeps_float32_tokens_and_top1_on_real_photos():
   )
   nnx.update(bf16, nnx.state(f32, nnx.Param))
   assert bf16.dtype == jnp.bfloat16 and f32.execution.mode == bf16.execution.mode == 'padded'
-  forward = nnx.jit(lambda m, x: m(x, return_stats=True))
-  (a, sa), (b, sb) = forward(f32, images), forward(bf16, images)
+  jitted = nnx.jit(forward)
+  (a, sa), (b, sb) = jitted(f32, images), jitted(bf16, images)
   assert b.dtype == jnp.float32
   kept_a = np.asarray(sa['kept_tokens']).mean(0)
   kept_b = np.asarray(sb['kept_tokens']).mean(0)

@@ -14,6 +14,7 @@ from ats_jax.models import vit as vit_lib
 from ats_jax.models.ats import Sampling, sampling_plan, token_cap
 from ats_jax.ops import token_sampling
 from tests import ats_reference
+from tests.helpers import forward
 
 # A small DeiT-like model that runs in seconds on a CPU: 32px, patch 8 -> 16 patches + cls.
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10)
@@ -203,8 +204,7 @@ def test_no_ats_blocks_is_the_dense_model_bit_for_bit(tiny_images):
   dense, ats = tiny(), tiny(ats_blocks=(), num_tokens=0.25)
   perturb(dense)
   perturb(ats)
-  forward = nnx.jit(lambda m, x: m(x, return_stats=True))
-  (a, stats), (b, _) = forward(dense, tiny_images), forward(ats, tiny_images)
+  (a, stats), (b, _) = run_ats(dense, tiny_images), run_ats(ats, tiny_images)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(np.asarray(stats['kept_tokens']), 17)
 
@@ -216,7 +216,7 @@ def test_ats_model_has_the_dense_parameter_tree_and_loads_its_checkpoint(tmp_pat
   }
 
 
-_forward_with_stats = nnx.jit(lambda m, x: m(x, return_stats=True))  # one cache for every test
+_forward_with_stats = nnx.jit(forward)  # one cache for every test
 
 
 def run_ats(model, images):
