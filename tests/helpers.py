@@ -20,7 +20,12 @@ from configs import digits_ats
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10)
 # ATS in blocks 1-3 of TINY, with a fraction, then fixed counts: images keep different tokens.
 TINY_ATS = dict(ats_blocks=(1, 2, 3), num_tokens=(0.9, 12, 10))
-ENV = {'JAX_PLATFORMS': 'cpu', 'PATH': os.environ.get('PATH', ''), 'TF_CPP_MIN_LOG_LEVEL': '3'}
+ENV = {  # subprocesses compile as the tests do (conftest)
+  'JAX_PLATFORMS': 'cpu',
+  'JAX_DISABLE_MOST_OPTIMIZATIONS': os.environ.get('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true'),
+  'PATH': os.environ.get('PATH', ''),
+  'TF_CPP_MIN_LOG_LEVEL': '3',
+}
 
 
 def perturb(model: nnx.Module, seed: int = 0, scale: float = 0.3) -> None:

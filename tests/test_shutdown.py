@@ -18,7 +18,12 @@ import numpy as np
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {'JAX_PLATFORMS': 'cpu', 'PATH': '', 'PYTHONPATH': ROOT}
+ENV = {
+  'JAX_PLATFORMS': 'cpu',
+  'JAX_DISABLE_MOST_OPTIMIZATIONS': 'true',
+  'PATH': '',
+  'PYTHONPATH': ROOT,
+}
 
 
 def photo_folder(root, per_class: int = 24) -> None:

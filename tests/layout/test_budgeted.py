@@ -226,7 +226,7 @@ def test_budgeted_forward_and_train_step_have_no_while_or_conditional():
     assert bool(found) is loops, (execution, found)
 
 
-def test_deit_s_training_temporaries_in_budgeted_execution_at_most_padded():
+def test_deit_s_training_temporaries_in_budgeted_execution_at_most_padded(optimized):
   """XLA's memory analysis of a DeiT-S training step at batch 16 (ATS 3-11): budgets of 60% of the
   slots need no more temporaries than padded execution's."""
   temp = {}

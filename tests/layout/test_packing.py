@@ -255,7 +255,7 @@ def test_huge_values_in_padded_slots_leave_logits_finite_and_unchanged():
 @pytest.mark.parametrize(
   'train, bound', [(False, 1.5), (True, 1.15)], ids=['forward', 'training_step']
 )
-def test_deit_s_memory_in_packed_execution_near_padded(train, bound):
+def test_deit_s_memory_in_packed_execution_near_padded(train, bound, optimized):
   """XLA's memory analysis of a DeiT-S forward and training step at batch 16: packed within
   `bound` x padded. Training: the issue's bound (the switches' residuals once gave 4.1x). Forward:
   each ATS block's loops once held their own copy of one shared zero buffer (4.4x); without it
