@@ -16,6 +16,7 @@ from ats_jax.models import CheckpointError, create_model, flops, vit
 from configs import digits_ats
 from experiments import accuracy_vs_compute, visualize_tokens
 from tests import ats_reference
+from tests.helpers import ENV
 
 # The demo's config, shrunk: 16 px, 16 patches + cls, 3 blocks, ATS in blocks 1 and 2 (cap 17).
 TINY = (
@@ -31,14 +32,8 @@ TINY = (
   '--config.batch_size=32',
   '--config.eval_batch_size=120',
 )
-# Compiling dominates these tiny runs; every process (training too) compiles alike, so the numbers
-# the tests compare are still identical.
-ENV = {
-  'JAX_PLATFORMS': 'cpu',
-  'JAX_DISABLE_MOST_OPTIMIZATIONS': 'true',
-  'PATH': '',
-  'TF_CPP_MIN_LOG_LEVEL': '3',
-}
+# Compiling dominates these tiny runs; every process (training too) compiles alike (ENV), so the
+# numbers the tests compare are still identical.
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

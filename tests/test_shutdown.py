@@ -17,13 +17,10 @@ import time
 import numpy as np
 from PIL import Image
 
+from tests import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {
-  'JAX_PLATFORMS': 'cpu',
-  'JAX_DISABLE_MOST_OPTIMIZATIONS': 'true',
-  'PATH': '',
-  'PYTHONPATH': ROOT,
-}
+ENV = helpers.ENV | {'PYTHONPATH': ROOT}
 
 
 def photo_folder(root, per_class: int = 24) -> None:
