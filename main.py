@@ -2,6 +2,9 @@
 
 Modes (`config.mode`): 'train' (resumes from DIR's latest checkpoint, then evaluates), 'evaluate'
 (`config.checkpoint`, else DIR's latest checkpoint), 'describe' (the zoo, one timed forward pass).
+Exit status: 0 done; 1 an `error:` line; 75 training stopped by SIGTERM or Ctrl-C after saving a
+checkpoint (the same command resumes); 130 stopped at once by a second Ctrl-C (or a Ctrl-C outside
+the training loop), unsaved.
 On several hosts run the same command on each; `jax.distributed.initialize()` finds the others
 (`config.distributed`). Compiled programs go to JAX's persistent cache (`config.compile_cache_dir`),
 so a second start skips compilation. Library INFO logs show with `--verbosity=1`.
@@ -10,6 +13,7 @@ so a second start skips compilation. Library INFO logs show with `--verbosity=1`
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -23,7 +27,7 @@ from ml_collections import config_flags
 
 from ats_jax.errors import CheckpointError, InputError
 from ats_jax.models import create_model, flops, zoo
-from ats_jax.training import runtime
+from ats_jax.training import checkpointing, runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file.', lock_config=True
@@ -73,9 +77,10 @@ def print_results(results: dict) -> None:
   print('|---|---:|---:|---:|---|---:|')
   for name, r in results.items():
     kept = ' '.join(f'{b}:{k:g}' for b, k in r['kept_tokens'].items()) or '-'
+    speed = '-' if r['images_per_sec'] is None else f'{r["images_per_sec"]:.0f}'
     print(
       f'| {name} | {100 * r["top1"]:.2f} | {100 * r["top5"]:.2f} | {r["gflops"]:.4g} | {kept} '
-      f'| {r["images_per_sec"]:.0f} |'
+      f'| {speed} |'
     )
 
 
@@ -103,11 +108,15 @@ def main(argv: list[str]) -> None:
       results = train.evaluate_checkpoint(config, workdir)
   except (CheckpointError, InputError, ValueError) as e:
     sys.exit(f'error: {e}')
+  except KeyboardInterrupt:  # outside the training loop, which saves first (Preemption)
+    print('Interrupted (Ctrl-C).', file=sys.stderr)
+    sys.exit(checkpointing.EXIT_INTERRUPTED)
   runtime.log_cache_use(cache)
-  if results is not None:
-    print_results(results)
-    if config.get('demo_speed'):  # the digits demo: its model is too small to show ATS's speed
-      print_demo_speed()
+  if results is None:  # stopped on request, after saving
+    sys.exit(checkpointing.EXIT_SAVED)
+  print_results(results)
+  if config.get('demo_speed'):  # the digits demo: its model is too small to show ATS's speed
+    print_demo_speed()
 
 
 def print_demo_speed() -> None:
@@ -130,9 +139,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     _ = _CONFIG.value.mode  # config_flags defers a config file's load error to the first access
     return argv
   except (AttributeError, KeyError) as e:  # ml_collections' word for a field that does not exist
-    sys.exit(f'error: a --config.* override names no config field: {e}')
+    sys.exit(f'error: {unknown_field_message(e, argv)}')
   except (flags.Error, OSError, TypeError, ValueError) as e:
     sys.exit(f'error: {" ".join(str(e).split())}')
+
+
+def unknown_field_message(error: Exception, argv: list[str]) -> str:
+  """One line for a misspelt `--config.*` field, with ml_collections' suggestion when it has one
+  (its KeyError text is the key quoted, then 'Did you mean ...', escaped once more by absl)."""
+  text = str(error)
+  key = (re.findall(r'\w+', text) or [''])[0]
+  overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+  flag = next((f for f in overrides if f.split('.')[-1] == key), f'--config.{key}')
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  hint = f'; did you mean {suggestion[1]!r}?' if suggestion else ''
+  return f'{flag} names no config field{hint}'
 
 
 if __name__ == '__main__':

@@ -54,7 +54,13 @@ def test_describe_runs_a_converted_model_and_predicts_as_timm(tmp_path, capsys):
 def test_bad_flags_are_one_line_errors_of_the_process(tmp_path):
   """Errors of the command line itself: the process ends with status 1 and one `error:` line."""
   cases = {
-    ('--config=configs/deit_t.py', '--config.nope=1'): 'names no config field',
+    ('--config=configs/deit_t.py', '--config.nope=1'): '--config.nope names no config field',
+    ('--config=configs/deit_t.py', '--config.ats_block=3'): (
+      "--config.ats_block names no config field; did you mean 'ats_blocks'?"
+    ),
+    ('--config=configs/deit_t.py', '--config.data.nme=x'): (
+      "--config.data.nme names no config field; did you mean 'name'?"
+    ),
     ('--config=configs/deit_t.py', '--config.batch_size=abc'): 'batch_size',
     ('--config=configs/missing.py',): 'No such file',
     ('--config=configs/deit_t.py', '--config.mode=fit'): "config.mode='fit' is not one of",
@@ -68,6 +74,8 @@ def test_bad_flags_are_one_line_errors_of_the_process(tmp_path):
     assert proc.returncode == 1, args
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith('error: ') and message in last, (args, proc.stderr)
+    if 'config field' in message:  # the whole output: one line
+      assert proc.stderr == f'error: {message}\n', proc.stderr
     assert 'Traceback' not in proc.stderr, args
 
 

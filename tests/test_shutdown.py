@@ -17,6 +17,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from ats_jax.training import checkpointing
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,10 +59,15 @@ def test_a_script_taking_a_few_batches_from_a_jpeg_folder_exits(tmp_path):
 
 
 def run_timed(
-  args: list[str], until: str, sigterm_at: str | None = None, timeout: float = 300
+  args: list[str],
+  until: str,
+  signal_at: str | None = None,
+  signals: tuple[int, ...] = (signal.SIGTERM,),
+  returncode: int = 0,
+  timeout: float = 300,
 ) -> tuple[float, str]:
   """Runs main.py; returns (seconds from the last line containing `until` to the exit, output).
-  With `sigterm_at`, sends SIGTERM once a line contains it. A run still going after `timeout` s
+  With `signal_at`, sends `signals` once a line contains it. A run still going after `timeout` s
   gets SIGABRT, so the failure shows where each of its threads was (faulthandler)."""
   proc = subprocess.Popen(
     [sys.executable, 'main.py', *args],
@@ -79,15 +85,17 @@ def run_timed(
       lines.append(line)
       if until in line:
         seen = time.monotonic()
-      if sigterm_at and sigterm_at in line:
-        proc.send_signal(signal.SIGTERM)
-        sigterm_at = None
+      if signal_at and signal_at in line:
+        for signum in signals:
+          proc.send_signal(signum)
+          time.sleep(0.2)  # each its own notice
+        signal_at = None
     proc.wait(timeout=60)
   finally:
     watchdog.cancel()
     proc.kill()
   output = ''.join(lines)
-  assert proc.returncode == 0, output[-8000:]
+  assert proc.returncode == returncode, output[-8000:]
   assert seen is not None, output[-3000:]
   return time.monotonic() - seen, output
 
@@ -114,7 +122,44 @@ def test_sigterm_saves_and_exits_within_5s(tmp_path):
   seconds, output = run_timed(
     [*SHORT, f'--workdir={tmp_path}', '--config.num_steps=100000'],
     until='after SIGTERM',
-    sigterm_at='Training 100000 steps',
+    signal_at='Training 100000 steps',
+    returncode=checkpointing.EXIT_SAVED,
   )
   assert 'rerun the same command to resume' in output
   assert seconds < 5, output[-2000:]
+
+
+def test_ctrl_c_saves_exits_without_a_traceback_and_the_rerun_resumes(tmp_path):
+  run = [*SHORT, f'--workdir={tmp_path}', '--config.num_steps=100000']
+  seconds, output = run_timed(
+    run,
+    until='after Ctrl-C (SIGINT)',
+    signal_at='Training 100000 steps',
+    signals=(signal.SIGINT,),
+    returncode=checkpointing.EXIT_SAVED,
+  )
+  assert 'Traceback' not in output and 'KeyboardInterrupt' not in output, output[-3000:]
+  assert seconds < 5, output[-2000:]
+  steps = [int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and steps[0] >= 1  # the step the signal reached
+  _, output = run_timed(
+    run,
+    until='after SIGTERM',
+    signal_at=f'from step {steps[0]}',
+    returncode=checkpointing.EXIT_SAVED,
+  )
+  assert f'Resuming from {tmp_path}, step {steps[0]}' in output
+
+
+def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path):
+  seconds, output = run_timed(
+    [*SHORT, f'--workdir={tmp_path}', '--config.num_steps=100000'],
+    until='Training 100000 steps',
+    signal_at='Training 100000 steps',
+    signals=(signal.SIGINT, signal.SIGINT),
+    returncode=checkpointing.EXIT_INTERRUPTED,
+  )
+  assert output.rstrip().endswith('A second Ctrl-C: stopped at once, without saving.'), output
+  assert 'Traceback' not in output
+  assert seconds < 5  # mid-compile: the process does not wait for the first step
+  assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))

@@ -1,8 +1,9 @@
 """Reading source checkpoints (timm/DeiT `.pth` and `.safetensors`, JAX `.npz`, Hugging Face
 directories) and the converted (orbax) checkpoint directory.
 
-A converted directory holds `ats_jax.json` (which variant, its image size and classes, where it came
-from, the preprocessing its weights expect and its LayerNorm epsilon) and `params/` (an orbax
+A converted directory holds `ats_jax.json` (which variant, its image size and classes (their names
+where the source records them), where it came from, the preprocessing its weights expect and its
+LayerNorm epsilon) and `params/` (an orbax
 checkpoint of the Flax parameters, nested by timm's dotted names). It is written to a temporary
 sibling and renamed into place, so an error or an interruption never leaves a half-written output
 directory.
@@ -28,6 +29,7 @@ from ats_jax.convert.timm import (
   resize_pos_embed,
   timm_to_flax,
 )
+from ats_jax.data import labels
 from ats_jax.errors import CheckpointError
 from ats_jax.models import registry, vit
 
@@ -51,6 +53,7 @@ class Converted:
   notes: tuple[str, ...] = ()
   data: registry.DataConfig | None = None  # None: the variant's (`registry.data_config`)
   layer_norm_eps: float = vit.LAYER_NORM_EPS
+  labels: tuple[str, ...] | None = None  # each output's class name (HF id2label); None: unnamed
 
   def __post_init__(self):
     if self.data is None:
@@ -199,7 +202,8 @@ def _convert_hf(path: pathlib.Path, model: str | None) -> Converted:
     data=data,
     layer_norm_eps=hf.layer_norm_eps,
   )
-  return converted
+  names = labels.hf_names(config.get('id2label'), converted.num_classes)
+  return dataclasses.replace(converted, labels=names)
 
 
 def save_converted(
@@ -226,7 +230,9 @@ def save_converted(
       data=converted.data.to_json(),
       layer_norm_eps=converted.layer_norm_eps,
     )
-    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + '\n')
+    if converted.labels is not None:
+      meta['labels'] = list(converted.labels)
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + '\n')
     if out_dir.exists():
       shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -261,6 +267,7 @@ def load_converted(ckpt_dir: str | os.PathLike) -> Converted:
     tuple(meta['notes']),
     registry.DataConfig.from_json(meta['data']) if 'data' in meta else None,
     meta.get('layer_norm_eps', vit.LAYER_NORM_EPS),
+    tuple(meta['labels']) if 'labels' in meta else None,
   )
 
 

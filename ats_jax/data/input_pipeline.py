@@ -5,8 +5,10 @@ Sources, chosen by `config.data.name`:
             no download. Grey 0..16 becomes RGB uint8 (x * 255 / 16). A split fixed once (a
             permutation with seed 0, whatever config.seed) gives 1,437 'train' and 360 'validation'
             images; those are the only split names.
-  'folder'  the layout the original ATS reads: <data_dir>/<split>/<class>/*.{jpg,jpeg,png}. The
-            classes are the sorted sub-folder names of the train split; eval uses the same indices.
+  'folder'  the layout the original ATS reads: <data_dir>/<split>/<class>/*.{jpg,jpeg,png}. A
+            split's classes are its sorted sub-folder names; evaluation maps them by name onto the
+            model's outputs (`labels`: ImageNet wnids onto a 1,000-class checkpoint's), so `val/`
+            alone, or a few of its classes, evaluates without `train/`.
   other     a TFDS dataset already prepared in data_dir, with features 'image' and 'label'.
 Image files and TFDS records are decoded, resized and augmented by PIL, as timm does
 (`preprocessing`): the same pixels as timm's transforms on the same random draws.
@@ -55,6 +57,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from ats_jax.data import preprocessing
+from ats_jax.data.labels import Labels
 from ats_jax.errors import InputError
 from ats_jax.models import registry
 
@@ -62,13 +65,18 @@ BUILTIN_NAMES = ('digits', 'folder')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-case: ImageNet's are '.JPEG'
 PREFETCH = 2  # batches ready ahead of the training step
 DIGITS_SPLITS = {'train': slice(0, 1437), 'validation': slice(1437, None)}
+DIGITS_CLASSES = tuple('0123456789')
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  num_classes: int
+  class_names: tuple[str, ...]  # the train split's: the label space of a model trained on it
   num_train_examples: int
   num_eval_examples: int
+
+  @property
+  def labels(self) -> Labels:
+    return Labels(len(self.class_names), self.class_names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +84,7 @@ class _Split:
   """One split of a source: the same calls for in-memory lists and TFDS."""
 
   description: str  # names it in messages, e.g. "folder /data/train"
-  num_classes: int
+  class_names: tuple[str, ...]  # label i's name: a class folder, a TFDS label name, a digit
   host_sizes: Callable[[int], list[int]]  # process count -> examples per process
   # (process, process count, shuffle seed or None for the fixed order, repeats) -> this process'
   # (record, label) dataset; repeats > 1 shares one shuffle of the whole split as repeated_share
@@ -95,12 +103,28 @@ class _Split:
     return sum(self.host_sizes(1))
 
 
+class EvalBatches(Iterator[dict[str, np.ndarray]]):
+  """One pass over the eval split, `len()` batches long (each process the same count)."""
+
+  def __init__(self, batches: Iterator[dict[str, np.ndarray]], num_batches: int):
+    self._batches, self.num_batches = batches, num_batches
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._batches)
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+
 def dataset_info(data: ml_collections.ConfigDict) -> DatasetInfo:
-  """Class count and global example counts of the train and eval splits of `config.data`."""
+  """What training on `config.data` needs: the train split's classes and both splits' global
+  example counts. Every eval class must be a train class (checked here, before training)."""
   _keep_tf_off_accelerators()
   train = _open_split(data, data.train_split)
   evaluation = _open_split(data, data.eval_split)
-  return DatasetInfo(train.num_classes, train.num_examples, evaluation.num_examples)
+  info = DatasetInfo(train.class_names, train.num_examples, evaluation.num_examples)
+  info.labels.index_of(evaluation.class_names, evaluation.description)
+  return info
 
 
 def train_batches(
@@ -143,15 +167,16 @@ def train_batches(
 
 
 def eval_batches(
-  config: ml_collections.ConfigDict, *, image_size: int
-) -> Iterator[dict[str, np.ndarray]]:
+  config: ml_collections.ConfigDict, *, image_size: int, labels: Labels | None = None
+) -> EvalBatches:
   """One pass over the eval split in this process' share of batches of config.eval_batch_size.
 
   Yields {'image': uint8 [b, S, S, 3], 'label': int32 [b], 'mask': bool [b]}: the eval transform
   up to normalisation, which the jitted step does (`device_images.normalize` with
-  eval_data_config's mean and std). Padding (mask False, zero image, label 0) fills the last
-  batch, and every process yields the same number of batches, as multi-host jit requires, so
-  each example counts exactly once.
+  eval_data_config's mean and std). Labels are the outputs of the model whose label space is
+  `labels` (None: the split's own class indices). Padding (mask False, zero image, label 0) fills
+  the last batch, and every process yields the same number of batches, as multi-host jit
+  requires, so each example counts exactly once.
   """
   _keep_tf_off_accelerators()
   host, num_hosts, batch = _local_batch(config.eval_batch_size, 'eval_batch_size')
@@ -162,12 +187,14 @@ def eval_batches(
     raise InputError(f'{split.description} has no examples')
 
   data = eval_data_config(config)
+  labels = labels or Labels(len(split.class_names), split.class_names)
+  outputs = tf.constant(labels.index_of(split.class_names, split.description))  # [classes]
 
   def prepare(record: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
     image = preprocessing.eval_pixels(
       split.load(record), image_size, data.crop_pct, data.interpolation
     )
-    return {'image': image, 'label': tf.cast(label, tf.int32), 'mask': tf.constant(True)}
+    return {'image': image, 'label': tf.gather(outputs, label), 'mask': tf.constant(True)}
 
   padding = {
     'image': tf.zeros((image_size, image_size, 3), tf.uint8),
@@ -182,11 +209,12 @@ def eval_batches(
   logging.info(
     'Evaluating on %s: %d batches of %d per process.', split.description, num_batches, batch
   )
-  return _checked(
+  batches = _checked(
     ds,
     lambda i: split.find_bad_file(host, num_hosts, None, 1, i * batch, (i + 1) * batch),
     split.description,
   )
+  return EvalBatches(batches, num_batches)
 
 
 def eval_data_config(
@@ -381,7 +409,7 @@ def _open_split(data: ml_collections.ConfigDict, split: str) -> _Split:
   if data.name == 'digits':
     return _digits_split(split)
   if data.name == 'folder':
-    return _folder_split(data.data_dir, data.train_split, split)
+    return _folder_split(data.data_dir, split)
   return _tfds_split(data.name, data.data_dir, split, data.shuffle_buffer)
 
 
@@ -414,7 +442,7 @@ def _host_range(size: int, host: int, num_hosts: int) -> tuple[int, int]:
 
 def _list_split(
   description: str,
-  num_classes: int,
+  class_names: tuple[str, ...],
   records: np.ndarray,
   labels: np.ndarray,
   paths: bool = False,
@@ -490,7 +518,7 @@ def _list_split(
         return str(records[index])
     return None
 
-  return _Split(description, num_classes, host_sizes, read, find_bad_file, load, stream=stream)
+  return _Split(description, class_names, host_sizes, read, find_bad_file, load, stream=stream)
 
 
 @functools.cache
@@ -512,7 +540,7 @@ def _digits_split(split: str) -> _Split:
     )
   images, labels = _digits()
   part = DIGITS_SPLITS[split]
-  return _list_split(f'digits {split}', 10, images[part], labels[part])
+  return _list_split(f'digits {split}', DIGITS_CLASSES, images[part], labels[part])
 
 
 def _subfolders(path: str) -> list[str]:
@@ -521,37 +549,29 @@ def _subfolders(path: str) -> list[str]:
   return sorted(n for n in names if tf.io.gfile.isdir(os.path.join(path, n)))
 
 
-def _folder_split(data_dir: str, train_split: str, split: str) -> _Split:
-  """<data_dir>/<split>/<class>/<image> with the class indices of the train split."""
+def _folder_split(data_dir: str, split: str) -> _Split:
+  """<data_dir>/<split>/<class>/<image>, labelled by the sorted class folder names."""
   if not data_dir:
     raise InputError("data.data_dir is empty: 'folder' needs the root holding the split folders")
   if not tf.io.gfile.isdir(data_dir):
     raise InputError(f'data_dir {data_dir} does not exist')
-  classes = {}
-  for name in (train_split, split):
-    path = os.path.join(data_dir, name)
-    if not tf.io.gfile.isdir(path):
-      raise InputError(
-        f'split folder {path} does not exist (split {name!r} of data_dir {data_dir})'
-      )
-    classes[name] = _subfolders(path)
-    if not classes[name]:
-      raise InputError(f'no class folders in {path}: expected {path}/<class>/<image>.JPEG')
-  index = {name: i for i, name in enumerate(classes[train_split])}
   root = os.path.join(data_dir, split)
+  if not tf.io.gfile.isdir(root):
+    raise InputError(f'split folder {root} does not exist (split {split!r} of data_dir {data_dir})')
+  classes = _subfolders(root)
+  if not classes:
+    raise InputError(f'no class folders in {root}: expected {root}/<class>/<image>.JPEG')
   paths, labels = [], []
-  for name in classes[split]:
+  for label, name in enumerate(classes):
     folder = os.path.join(root, name)
-    if name not in index:
-      raise InputError(f'class folder {folder} is not a class of the train split {train_split!r}')
     files = sorted(f for f in tf.io.gfile.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
       raise InputError(f'class folder {folder} has no {"/".join(IMAGE_EXTENSIONS)} images')
     paths += [os.path.join(folder, f) for f in files]
-    labels += [index[name]] * len(files)
+    labels += [label] * len(files)
   return _list_split(
     f'folder {root}',
-    len(index),
+    tuple(classes),
     np.array(paths, dtype=object),  # str objects: leaner than a fixed-width array
     np.array(labels, dtype=np.int32),
     paths=True,
@@ -612,5 +632,5 @@ def _tfds_split(name: str, data_dir: str, split: str, shuffle_buffer: int) -> _S
       ds = _repeated_share_dataset(ds, num_examples, repeats, host, num_hosts)
     return ds
 
-  num_classes = features['label'].num_classes
-  return _Split(f'TFDS {name} split {split!r}', num_classes, host_sizes, read)
+  class_names = tuple(features['label'].names)  # imagenet2012's are the wnids
+  return _Split(f'TFDS {name} split {split!r}', class_names, host_sizes, read)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 
 WARMUP_LR = 1e-6  # DeiT's warm-up starts here
 NO_WEIGHT_DECAY = ('pos_embed', 'cls_token', 'dist_token')  # timm's `no_weight_decay()`
@@ -14,6 +15,18 @@ NO_WEIGHT_DECAY = ('pos_embed', 'cls_token', 'dist_token')  # timm's `no_weight_
 def learning_rate(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
   """lr = base_lr * batch / 512 (DeiT's scaling), linear warm-up, then cosine decay to min_lr."""
   peak = config.base_lr * config.batch_size / 512
+  if peak < config.min_lr:
+    logging.warning(
+      'the peak learning rate base_lr * batch_size / 512 = %.3g * %d / 512 = %.3g is below '
+      "min_lr %.3g, so the cosine schedule would rise to min_lr instead of decaying (DeiT's "
+      'recipe does the same); set --config.min_lr below %.3g, e.g. %.3g, or raise base_lr',
+      config.base_lr,
+      config.batch_size,
+      peak,
+      config.min_lr,
+      peak,
+      peak / 10,
+    )
   warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
     init_value=WARMUP_LR,

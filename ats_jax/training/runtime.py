@@ -39,7 +39,7 @@ def quiet_native_logs(verbose: bool) -> None:
   if verbose:
     import_tensorflow()
     return
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   sys.stderr.flush()
   saved = os.dup(2)
   devnull = os.open(os.devnull, os.O_WRONLY)

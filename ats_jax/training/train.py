@@ -11,7 +11,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -29,13 +28,15 @@ from flax import nnx
 from ats_jax import backend
 from ats_jax.convert import pretrained
 from ats_jax.data import device_images, input_pipeline, mixup
+from ats_jax.data.labels import Labels
 from ats_jax.errors import CheckpointError
 from ats_jax.layout import Execution, budgets
 from ats_jax.models import create_model, enable, vit
 from ats_jax.models.factory import load_params
-from ats_jax.training import checkpointing, optim, runtime, sharding
+from ats_jax.training import checkpointing, optim, progress, sharding
 
 HEADS = ('head', 'head_dist')  # re-initialised when fine-tuning to another class count
+CLASSES_FILE = 'classes.txt'  # a training run's class names, one per line: its label space
 
 
 @flax.struct.dataclass
@@ -182,35 +183,34 @@ def evaluate(
   mesh: jax.sharding.Mesh,
   image_size: int,
   ats_blocks: tuple[int, ...],
-  num_examples: int,
+  labels: Labels,
+  name: str,
 ) -> dict[str, Any]:
-  """One pass over the eval split (`num_examples` long, for the progress bar): top-1/5, kept
-  tokens per block, GFLOPs/image, images/s."""
+  """One pass over the eval split, its classes scored as the outputs of the same name
+  (`labels`): top-1/5, kept tokens per block, GFLOPs/image, images/s (compilation excluded; the
+  input pipeline is not timed)."""
   data = input_pipeline.eval_data_config(config)
   runner = budget_runner(graphdef, params, mesh, config.eval_batch_size)
-
   mean, std = tuple(data.mean), tuple(data.std)
 
-  @functools.cache
-  def step_fn(execution: Execution):
+  def jitted(execution: Execution):
     return eval_step_fn(vit.with_execution(graphdef, params, execution), mesh, mean, std)
+
+  step = progress.Compiled(jitted, f'the evaluation step ({name})')
 
   def call(execution, batch):
     with jax.set_mesh(mesh):  # token layouts lay out each device's own images
-      return step_fn(execution)(params, batch)
+      return step(execution, params, batch)
 
-  batches = input_pipeline.eval_batches(config, image_size=image_size)
-  num_batches = math.ceil(num_examples / config.eval_batch_size)
-  totals, seconds, timed_images = None, 0.0, 0
+  batches = input_pipeline.eval_batches(config, image_size=image_size, labels=labels)
+  totals, seconds = None, 0.0
   for i, batch in enumerate(sharding.device_batches(batches, mesh)):
-    start = time.perf_counter()
+    start = time.perf_counter() - step.seconds
     sums = jax.device_get(runner.run(call, batch, report=_budget_report))
-    if i > 0:  # the first batch pays for compilation; the input pipeline is not timed
-      seconds += time.perf_counter() - start
-      timed_images += config.eval_batch_size
+    seconds += time.perf_counter() - step.seconds - start  # re-runs count, compiles do not
     sums = {k: v for k, v in sums.items() if k not in BUDGET_STATS}
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    _progress(i + 1, num_batches)
+    progress.eval_progress(name, i + 1, len(batches))
   count = float(totals['count'])
   kept = totals['kept_tokens'] / count
   return {
@@ -219,7 +219,7 @@ def evaluate(
     'top5': float(totals['top5'] / count),
     'gflops': float(totals['gflops'] / count),
     'kept_tokens': {int(b): round(float(kept[b]), 2) for b in ats_blocks},
-    'images_per_sec': timed_images / seconds if seconds > 0 else float('nan'),
+    'images_per_sec': len(batches) * config.eval_batch_size / seconds if seconds > 0 else None,
   } | budget_results(runner)
 
 
@@ -258,23 +258,6 @@ def eval_step_fn(
   evaluation reuses its compiled program instead of compiling it again."""
   step = functools.partial(eval_step, graphdef=graphdef, mean=mean, std=std)
   return jax.jit(step, out_shardings=sharding.replicated(mesh))
-
-
-def _progress(done: int, total: int) -> None:
-  """Evaluation progress on stderr (host 0 only): a bar redrawn in place on a terminal; in a log
-  file a plain line at each quarter."""
-  if jax.process_index():
-    return
-  if not runtime.is_terminal():
-    if (4 * done) // total > (4 * (done - 1)) // total:
-      sys.stderr.write(f'eval {done}/{total} batches\n')
-      sys.stderr.flush()
-    return
-  width = 30
-  filled = int(width * min(done, total) / max(total, 1))
-  end = '\n' if done >= total else ''
-  sys.stderr.write(f'\reval [{"#" * filled}{"." * (width - filled)}] {done}/{total}{end}')
-  sys.stderr.flush()
 
 
 def create_train_state(
@@ -316,8 +299,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_batch_sizes(config)
   mesh = sharding.make_mesh()
   info = input_pipeline.dataset_info(config.data)
-  model = build_model(config, info.num_classes)
-  if config.init_from:
+  model = build_model(config, info.labels.num_classes)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  resume = ckpt.latest_step() is not None  # a finished run only evaluates again
+  if resume:
+    logging.info('Resuming from %s, step %d', workdir, ckpt.latest_step())
+  if config.init_from and not resume:  # the checkpoint holds the fine-tuned weights
     init_from(model, config.init_from, config.model)
   graphdef, params = nnx.split(model)
   steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
@@ -326,20 +313,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = optim.create_optimizer(config, schedule)
   state = create_train_state(params, tx, ema=config.ema_decay > 0)
   shardings = sharding.param_sharding(state, mesh, config.fsdp)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
-  if ckpt.latest_step() is not None:  # resume; a finished run only evaluates again
-    logging.info('Resuming from %s, step %d', workdir, ckpt.latest_step())
+  if resume:
     state = ckpt.restore(with_shardings(state, mesh, config.fsdp))
   else:
     state = jax.device_put(state, shardings)
   start = int(state.step)
   # Imported here: clu's TensorBoard writer loads Keras, 3 s that evaluation need not wait for.
-  from clu import metric_writers, periodic_actions
+  from clu import metric_writers
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
     log_parameters(params, workdir)
     writer.write_hparams(_flat_hparams(config))
+    write_classes(info.class_names, workdir)
   runner = budget_runner(graphdef, params, mesh, config.batch_size)
 
   @functools.cache
@@ -350,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       tx=tx,
       schedule=schedule,
       config=config,
-      num_classes=info.num_classes,
+      num_classes=info.labels.num_classes,
     )
     return jax.jit(
       step,
@@ -359,47 +345,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       donate_argnums=0,
     )
 
+  step_program = progress.Compiled(step_fn, 'the training step')
+
   def call(execution, state, *, batch):
     with jax.set_mesh(mesh):  # token layouts lay out each device's own images
-      return step_fn(execution)(state, batch)
+      return step_program(execution, state, batch)
 
   local = input_pipeline.train_batches(config, image_size=model.img_size, start_step=start)
   batches = sharding.device_batches(local, mesh)  # the next batches already on their way
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
-  preemption = checkpointing.Preemption()
+  throughput = progress.Throughput(total)
   pending = []
 
   def evaluate_state(step: int) -> dict[str, Any]:
-    results = evaluate_all(config, graphdef, state.eval_params, mesh, model.img_size, info)
+    results = evaluate_all(config, graphdef, state.eval_params, mesh, model.img_size, info.labels)
     write_results(results, workdir, writer, step)
     return results
 
-  logging.info('Training %d steps (%d per epoch) from step %d', total, steps_per_epoch, start)
-  for step in range(start, total):
-    batch = next(batches)
-    state, metrics = runner.run(
-      functools.partial(call, batch=batch),
-      state,
-      report=lambda out: _budget_report(out[1]),
-      carry_of=lambda out: out[0],
-    )
-    pending.append({k: v for k, v in metrics.items() if k not in BUDGET_STATS})
-    done = step + 1
-    report(done)
-    if done % config.log_every_steps == 0 or done == total:
-      means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get(pending))
-      writer.write_scalars(done, {f'train/{k}': v for k, v in means.items()})
-      pending = []
-    preempted = preemption.reached(done)
-    if done % config.checkpoint_every_steps == 0 or done == total or preempted:
-      ckpt.save(done, state)
-    if preempted:
-      ckpt.close()
-      writer.flush()
-      logging.warning('Saved step %d after SIGTERM; rerun the same command to resume', done)
-      return None
-    if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total:
-      evaluate_state(done)
+  with checkpointing.Preemption() as preemption:  # from here a SIGTERM or Ctrl-C saves first
+    logging.info('Training %d steps (%d per epoch) from step %d', total, steps_per_epoch, start)
+    for step in range(start, total):
+      batch = next(batches)
+      compiles = step_program.compiles
+      state, metrics = runner.run(
+        functools.partial(call, batch=batch),
+        state,
+        report=lambda out: _budget_report(out[1]),
+        carry_of=lambda out: out[0],
+      )
+      if step_program.compiles != compiles:  # steps/s counts from the last compile on
+        throughput.begin(step)
+      pending.append({k: v for k, v in metrics.items() if k not in BUDGET_STATS})
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total:
+        means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get(pending))
+        rate = throughput.at(done)  # the metrics are on the host: every step to `done` ran
+        if rate is not None:
+          means['steps_per_sec'] = rate
+        writer.write_scalars(done, {f'train/{k}': v for k, v in means.items()})
+        logging.info('%s', throughput.line(done))
+        pending = []
+      stop = preemption.reached(done)
+      if done % config.checkpoint_every_steps == 0 or done == total or stop:
+        ckpt.save(done, state)
+      if stop:
+        ckpt.close()
+        writer.flush()
+        logging.warning('Saved step %d after %s; rerun the same command to resume', done, stop)
+        return None
+      if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total:
+        evaluate_state(done)
   ckpt.close()
   return evaluate_state(total)
 
@@ -422,7 +416,7 @@ def evaluate_all(
   params: nnx.State,
   mesh: jax.sharding.Mesh,
   image_size: int,
-  info: input_pipeline.DatasetInfo,
+  labels: Labels,
 ) -> dict[str, Any]:
   """The configured model, and with ATS on also the same weights run dense."""
   ats_blocks = tuple(config.ats_blocks)
@@ -430,39 +424,44 @@ def evaluate_all(
   if ats_blocks:
     runs['dense'] = (dense_graphdef(graphdef, params), ())
   return {
-    name: evaluate(config, g, params, mesh, image_size, blocks, info.num_eval_examples)
+    name: evaluate(config, g, params, mesh, image_size, blocks, labels, name)
     for name, (g, blocks) in runs.items()
   }
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
-  """Evaluates `config.checkpoint` (converted or PyTorch weights), else `workdir`'s latest state."""
+  """Evaluates `config.checkpoint` (converted or PyTorch weights), else `workdir`'s latest state.
+  The weights decide the class count; the eval split's classes map onto theirs by name, so no
+  train split is needed."""
   check_batch_sizes(config)
   mesh = sharding.make_mesh()
-  info = input_pipeline.dataset_info(config.data)
   if config.checkpoint:  # its LayerNorm eps and eval preprocessing, unless the config sets them
     loaded = pretrained.load_checkpoint(config.checkpoint, config.model)
+    labels = Labels(loaded.num_classes, loaded.labels)
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.data.checkpoint_data = loaded.data.to_json()
       if config.model_overrides.get('layer_norm_eps') is None:
         config.model_overrides.layer_norm_eps = loaded.layer_norm_eps
-  model = abstract_model(config, info.num_classes)
+  else:
+    ckpt = open_run(config, workdir)
+    labels = run_labels(ckpt, workdir)
+  model = abstract_model(config, labels.num_classes)
   graphdef, params = nnx.split(model)
   if config.checkpoint:
     load_params(model, dict(loaded.params), f'{config.model} (from {config.checkpoint})')
     params = nnx.state(model)
   else:
-    params = restore_params(config, workdir, params)
+    params = restore_params(config, ckpt, params)
   params = jax.device_put(params, sharding.param_sharding(params, mesh, config.fsdp))
-  results = evaluate_all(config, graphdef, params, mesh, model.img_size, info)
+  results = evaluate_all(config, graphdef, params, mesh, model.img_size, labels)
   if workdir:
     write_results(results, workdir, None, None)
   return results
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str | None, params: nnx.State):
-  """The weights (EMA when kept) of the latest train state in `workdir`, on the host."""
+def open_run(config: ml_collections.ConfigDict, workdir: str | None) -> checkpointing.Checkpointer:
+  """The checkpoints of the training run in `workdir`; one line if there are none."""
   ckpt_dir = os.path.join(workdir or '', 'checkpoints')
   if not workdir or not epath.Path(ckpt_dir).is_dir():
     raise CheckpointError(
@@ -471,6 +470,30 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str | None, param
   ckpt = checkpointing.Checkpointer(ckpt_dir, config.keep_checkpoints)
   if ckpt.latest_step() is None:
     raise CheckpointError(f'no checkpoint in {ckpt_dir}')
+  return ckpt
+
+
+def write_classes(class_names: tuple[str, ...], workdir: str) -> None:
+  """The run's label space (its train split's classes), for evaluating it on any eval split."""
+  if jax.process_index() == 0:
+    path = epath.Path(workdir) / CLASSES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(''.join(f'{name}\n' for name in class_names))
+
+
+def run_labels(ckpt: checkpointing.Checkpointer, workdir: str) -> Labels:
+  """A training run's label space: its classes file; for a run without one, the head's size."""
+  path = epath.Path(workdir) / CLASSES_FILE
+  if path.exists():
+    names = tuple(path.read_text().splitlines())
+    return Labels(len(names), names)
+  return Labels(ckpt.shape('params.head.bias')[0])
+
+
+def restore_params(
+  config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer, params: nnx.State
+) -> nnx.State:
+  """The weights (EMA when kept) of the latest train state in `ckpt`, on the host."""
   tx = optim.create_optimizer(config, optax.constant_schedule(0.0))  # the structure is all it needs
   abstract = jax.eval_shape(lambda p: create_train_state(p, tx, config.ema_decay > 0), params)
   state = ckpt.restore(with_shardings(abstract, sharding.make_mesh(), config.fsdp))
@@ -489,7 +512,7 @@ def write_results(results, workdir: str, writer, step: int | None) -> None:
   if jax.process_index() == 0:
     path = epath.Path(workdir) / 'eval_results.json'  # a local folder or gs://
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    path.write_text(json.dumps(results, indent=2, allow_nan=False))  # strict JSON
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

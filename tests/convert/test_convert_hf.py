@@ -87,3 +87,20 @@ def test_preprocessor_config_travels_with_the_weights(tmp_path, processor, optio
   assert converted.data == expected
   pretrained.save_converted(converted, tmp_path / 'out')
   assert pretrained.load_converted(tmp_path / 'out').data == expected
+
+
+def test_hf_label_names_travel_into_the_converted_checkpoint(tmp_path, capsys):
+  """id2label names the outputs (evaluation maps a folder's classes onto them by name);
+  transformers' default 'LABEL_i' names nothing."""
+  reference = random_hf_model('vit')
+  names = tuple(f'class {c}' for c in 'abcdefghij')
+  reference.config.id2label = dict(enumerate(names))
+  reference.save_pretrained(tmp_path / 'named')
+  random_hf_model('vit').save_pretrained(tmp_path / 'default')
+  capsys.readouterr()
+  for src, expected in (('named', names), ('default', None)):
+    out = tmp_path / f'{src}_converted'
+    assert convert_cli.main([str(tmp_path / src), str(out), '--model', 'vit_tiny_patch16_224']) == 0
+    on_the_fly = pretrained.load_checkpoint(tmp_path / src, 'vit_tiny_patch16_224')
+    assert on_the_fly.labels == expected
+    assert pretrained.load_converted(out).labels == expected  # and written into ats_jax.json

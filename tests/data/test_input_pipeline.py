@@ -96,7 +96,7 @@ def digits_eval_labels() -> np.ndarray:
 
 def test_digits_info_and_train_batches():
   config = make_config(batch_size=64)
-  assert input_pipeline.dataset_info(config.data) == DatasetInfo(10, 1437, 360)
+  assert input_pipeline.dataset_info(config.data) == DatasetInfo(tuple('0123456789'), 1437, 360)
   batches = take(input_pipeline.train_batches(config, image_size=SIZE), 2)
   for batch in batches:
     assert batch.keys() == {'image', 'label', 'erase'}
@@ -183,7 +183,9 @@ def folder(tmp_path):
 def test_folder_info_classes_and_eval_equal_preprocessing(folder):
   root, val_files = folder
   config = make_config('folder', root, eval_split='val', eval_batch_size=4)
-  assert input_pipeline.dataset_info(config.data) == DatasetInfo(3, 15, 15)
+  assert input_pipeline.dataset_info(config.data) == DatasetInfo(
+    ('apple', 'mango', 'zebra'), 15, 15
+  )
   batches = list(input_pipeline.eval_batches(config, image_size=SIZE))
   assert len(batches) == 4 and [int(b['mask'].sum()) for b in batches] == [4, 4, 4, 3]
   assert_padding_is_inert(batches)
@@ -279,7 +281,10 @@ def test_folder_errors(tmp_path):
   shutil.rmtree(tmp_path / 'val' / 'apple')
   os.makedirs(tmp_path / 'val' / 'kiwi')
   write_image(tmp_path / 'val' / 'kiwi' / 'a.JPEG', (9, 9), (1, 2, 3))
-  assert f'{tmp_path / "val" / "kiwi"} is not a class of the train split' in info_error(tmp_path)
+  assert info_error(tmp_path) == (
+    f'the classes of folder {tmp_path / "val"} (kiwi) are not all classes of the model: kiwi '
+    "match none of its 3 class names (such as 'apple')"
+  )
 
 
 @pytest.mark.parametrize(
@@ -329,7 +334,8 @@ def test_tfds_mock_cifar10_end_to_end(tmp_path):
   write_tfds_metadata(tmp_path, 'cifar10', {'train': 10, 'test': 10})
   config = make_config('cifar10', tmp_path, eval_split='test', batch_size=4, eval_batch_size=4)
   with tfds.testing.mock_data(num_examples=10, data_dir=str(tmp_path)):
-    assert input_pipeline.dataset_info(config.data) == DatasetInfo(10, 10, 10)
+    # the metadata written above names the mock's labels by number, as ClassLabel(num_classes=...)
+    assert input_pipeline.dataset_info(config.data) == DatasetInfo(tuple('0123456789'), 10, 10)
     train = take(input_pipeline.train_batches(config, image_size=SIZE), 3)
     batches = list(input_pipeline.eval_batches(config, image_size=SIZE))
     examples = list(tfds.builder('cifar10').as_dataset(split='test').as_numpy_iterator())
@@ -375,7 +381,7 @@ def tfds_dir(tmp_path_factory):
 
 def test_tfds_prepared_resume_and_two_processes(tfds_dir, monkeypatch):
   config = make_config('ats_test_images', tfds_dir, eval_split='test', batch_size=4)
-  assert input_pipeline.dataset_info(config.data) == DatasetInfo(3, 30, 11)
+  assert input_pipeline.dataset_info(config.data) == DatasetInfo(('0', '1', '2'), 30, 11)
   reference = take(input_pipeline.train_batches(config, image_size=SIZE), 9)  # 7 per epoch
   assert_same_batches(take(input_pipeline.train_batches(config, image_size=SIZE), 2), reference[:2])
   resumed = input_pipeline.train_batches(config, image_size=SIZE, start_step=6)

@@ -27,6 +27,22 @@ def test_learning_rate_scales_with_batch_warms_up_and_decays_to_min_lr():
   assert float(schedule(10)) == pytest.approx((optim.WARMUP_LR + 1e-3) / 2)
 
 
+def test_a_peak_learning_rate_below_min_lr_is_said_once_with_what_to_set(monkeypatch):
+  """The README's fine-tuning base_lr 5e-5 at a global batch of 64: the peak 6.25e-6 is under
+  min_lr 1e-5, so the "decay" rises (as DeiT's recipe does); the user is told, once."""
+  warnings = []
+  monkeypatch.setattr(optim.logging, 'warning', lambda *args: warnings.append(args[0] % args[1:]))
+  config = default.get_config()
+  config.base_lr, config.batch_size = 5e-5, 64
+  schedule = optim.learning_rate(config, total_steps=100, steps_per_epoch=10)
+  assert float(schedule(99)) > float(schedule(50))  # what the warning is about
+  assert len(warnings) == 1 and '6.25e-06 is below min_lr 1e-05' in warnings[0]
+  assert '--config.min_lr below 6.25e-06, e.g. 6.25e-07' in warnings[0]
+  config.batch_size = 1024  # the peak 1e-4 is above min_lr: nothing to say
+  optim.learning_rate(config, total_steps=100, steps_per_epoch=10)
+  assert len(warnings) == 1
+
+
 def test_weight_decay_skips_norms_biases_tokens_and_pos_embed():
   model = vit.VisionTransformer(
     img_size=16,

@@ -14,8 +14,10 @@ import pytest
 from flax import nnx
 
 from ats_jax import backend
+from ats_jax.data import input_pipeline
+from ats_jax.data.labels import Labels
 from ats_jax.models import vit
-from ats_jax.training import runtime, sharding, train
+from ats_jax.training import progress, runtime, sharding, train
 from tests.helpers import ENV, TINY_FLAGS, tiny_config
 
 
@@ -62,6 +64,7 @@ def test_periodic_evaluation_compiles_its_step_once():
   config = tiny_config()
   graphdef, params = nnx.split(train.build_model(config, num_classes=10))
   mesh = sharding.make_mesh()
+  labels = Labels(10, input_pipeline.DIGITS_CLASSES)
   compiles = []
   listener = lambda event, duration, **kw: compiles.append(event)  # noqa: E731
   jax.monitoring.register_event_duration_secs_listener(listener)
@@ -70,7 +73,7 @@ def test_periodic_evaluation_compiles_its_step_once():
     for _ in range(2):  # as eval_every_steps does: the same architecture, new parameters
       params = jax.tree.map(lambda p: p * 1.01, params)
       compiles.clear()
-      results.append(train.evaluate(config, graphdef, params, mesh, 16, (1,), 360))
+      results.append(train.evaluate(config, graphdef, params, mesh, 16, (1,), labels, 'ats'))
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert '/jax/core/compile/backend_compile_duration' not in compiles  # the second pass
@@ -128,13 +131,14 @@ def test_quiet_logs_then_a_second_evaluation_compiles_nothing(tmp_path):
     '--config.compile_cache_dir=',
   )
   lines = (trained.stdout + trained.stderr).splitlines()
-  assert len(lines) <= 30, '\n'.join(lines)
+  assert len(lines) <= 32, '\n'.join(lines)  # 6 of them say what compiles, and for how long
   saves = [line for line in lines if 'Saving checkpoint' in line]
   assert [s.split('Saving checkpoint ')[1].split()[0] for s in saves] == ['2', '4']
   for chatter in ('checkpoint_manager.py', 'oneDNN', 'absl::InitializeLog', 'xla_bridge', '\r'):
     assert chatter not in trained.stderr, chatter
   assert 'Compilation cache' not in trained.stderr  # '' turns it off
-  assert trained.stderr.count('eval 3/3 batches') == 2  # ats and dense, plain lines
+  assert 'eval ats 3/3 batches' in trained.stderr  # plain lines, naming the model
+  assert 'eval dense 3/3 batches' in trained.stderr
   assert '| ats |' in trained.stdout and '| dense |' in trained.stdout
   assert 'Parameters: ' in trained.stderr and (tmp_path / 'run' / 'parameters.txt').exists()
 
@@ -174,16 +178,16 @@ def test_auto_cache_dir_paths_and_the_progress_bar(monkeypatch, tmp_path, capsys
   assert runtime.absolute('run') == str(tmp_path.cwd() / 'run')
   monkeypatch.setattr(runtime, 'is_terminal', lambda stream=None: True)
   for done in range(1, 4):
-    train._progress(done, 3)
+    progress.eval_progress('ats', done, 3)
   bar = capsys.readouterr().err
   assert bar.count('\r') == 3 and bar.endswith('] 3/3\n') and bar.count('\n') == 1
   monkeypatch.setattr(runtime, 'is_terminal', lambda stream=None: False)
   for done in range(1, 50):
-    train._progress(done, 49)
+    progress.eval_progress('ats', done, 49)
   lines = capsys.readouterr().err.splitlines()
   assert lines == [
-    'eval 13/49 batches',
-    'eval 25/49 batches',
-    'eval 37/49 batches',
-    'eval 49/49 batches',
+    'eval ats 13/49 batches',
+    'eval ats 25/49 batches',
+    'eval ats 37/49 batches',
+    'eval ats 49/49 batches',
   ]

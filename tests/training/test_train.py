@@ -21,11 +21,14 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import convert.__main__ as convert_cli
 from ats_jax.data import device_images, input_pipeline
+from ats_jax.data.labels import Labels
 from ats_jax.models import vit
 from ats_jax.training import checkpointing, optim, sharding, train
 from configs import digits_ats
 from tests.helpers import ENV, TINY_FLAGS, tiny_config
 from tests.references import random_timm_model, save_checkpoint
+
+DIGITS = Labels(10, input_pipeline.DIGITS_CLASSES)  # a digits model's outputs
 
 
 @pytest.mark.parametrize('mixing', [False, True], ids=['smoothing', 'mixup_cutmix_smoothing'])
@@ -79,7 +82,7 @@ def test_evaluation_counts_every_example_once_with_a_partial_last_batch():
   model.eval()
   graphdef, params = nnx.split(model)
   mesh = sharding.make_mesh()
-  result = train.evaluate(config, graphdef, params, mesh, 16, ats_blocks=(1,), num_examples=360)
+  result = train.evaluate(config, graphdef, params, mesh, 16, (1,), DIGITS, 'ats')
   logits, labels, kept = [], [], []  # the same by hand, batch by batch, dropping the padding
   for batch in input_pipeline.eval_batches(config, image_size=16):
     out, stats = model(device_images.normalize(batch['image']), return_stats=True)
@@ -124,7 +127,9 @@ def losses(workdir) -> list[float]:
 
 def final_params(config, workdir):
   params = nnx.split(nnx.eval_shape(lambda: train.build_model(config, num_classes=10)))[1]
-  return jax.tree.map(np.asarray, train.restore_params(config, str(workdir), params))
+  return jax.tree.map(
+    np.asarray, train.restore_params(config, train.open_run(config, str(workdir)), params)
+  )
 
 
 def test_eight_devices_train_as_one_replicated_or_fsdp(tmp_path):
@@ -219,7 +224,7 @@ def test_ema_trains_resumes_and_is_what_evaluation_reads(tmp_path):
 
   def evaluate(params) -> dict:
     mesh = sharding.make_mesh()
-    result = train.evaluate(config, graphdef, params, mesh, 16, ats_blocks=(1,), num_examples=360)
+    result = train.evaluate(config, graphdef, params, mesh, 16, (1,), DIGITS, 'ats')
     return {k: v for k, v in result.items() if k != 'images_per_sec'}
 
   reported = json.loads((tmp_path / 'killed' / 'eval_results.json').read_text())['ats']
@@ -240,7 +245,8 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path):
     proc.kill()  # leave nothing running when the test fails
     raise
   proc.send_signal(signal.SIGTERM)
-  out, err = finish(proc)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == checkpointing.EXIT_SAVED, err[-3000:]
   assert '| ats |' not in out and 'rerun the same command to resume' in err  # no evaluation
   config = tiny_config()
   ckpt = train.checkpointing.Checkpointer(tmp_path / 'checkpoints', 10)
@@ -259,14 +265,12 @@ def test_a_sigterm_is_noticed_even_where_a_log_line_would_raise(monkeypatch):
     raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
 
   previous = signal.getsignal(signal.SIGTERM)
-  try:
-    preemption = checkpointing.Preemption()
+  with checkpointing.Preemption() as preemption:
     with monkeypatch.context() as patch:
       patch.setattr(checkpointing.logging, 'warning', reentrant)
       signal.raise_signal(signal.SIGTERM)
-    assert preemption.reached(1)
-  finally:
-    signal.signal(signal.SIGTERM, previous)
+    assert preemption.reached(1) == 'SIGTERM'
+  assert signal.getsignal(signal.SIGTERM) is previous  # the loop's handlers end with the loop
 
 
 @pytest.mark.parametrize('fmt', ['converted', 'deit_pth'])
