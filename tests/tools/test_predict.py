@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import re
 import subprocess
 import sys
@@ -22,6 +23,19 @@ from tests.references import random_timm_model
 
 NAME = 'deit_tiny_patch16_224'
 ATS = ','.join(map(str, range(3, 12)))
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# What a console script's wrapper (pip's `ats-jax-predict`) runs: no docstring, argv[0] its path.
+CONSOLE_SCRIPT = 'import sys\nfrom ats_jax.tools.predict import run\nsys.exit(run())\n'
+HELP = {  # predict's flags, each with a piece of its help text
+  'checkpoint': 'Converted directory',
+  'model': 'Variant name',
+  'ats_blocks': 'Blocks that sample tokens',
+  'num_tokens': 'Cap K per ATS block',
+  'top': 'Classes to print',
+  'save_tokens': 'Write token pictures',
+  'dtype': 'Computation dtype',
+  'compile_cache_dir': "JAX's compilation cache",
+}
 
 
 @pytest.fixture(scope='module')
@@ -110,3 +124,23 @@ def test_cli_prints_classes_kept_tokens_gflops_and_writes_token_pictures(files):
   )
   assert errors.returncode == 1 and errors.stderr.strip().endswith('no.jpg')
   assert errors.stderr.strip().splitlines()[-1].startswith('error: no such image file')
+
+
+@pytest.mark.parametrize('entry', ['module', 'console script'])
+def test_help_lists_predicts_flags_with_their_help(entry, tmp_path):
+  script = tmp_path / 'ats-jax-predict'
+  script.write_text(CONSOLE_SCRIPT)
+  command = ['-m', 'ats_jax.predict'] if entry == 'module' else [str(script)]
+  proc = subprocess.run(
+    [sys.executable, *command, '--help'],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=ENV | {'PYTHONPATH': str(ROOT)},
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  usage, listed = proc.stdout.split('\nflags:\n')  # listed: the flags --help shows, not --helpfull
+  assert usage.startswith('Classify image files with a checkpoint')
+  assert sorted(re.findall(r'^  --(\w+):', listed, re.M)) == sorted(HELP)  # absl's: --helpfull
+  for name, help_text in HELP.items():
+    assert re.search(rf'^  --{name}: {help_text}', listed, re.M), (name, listed)
