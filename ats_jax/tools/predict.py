@@ -9,7 +9,7 @@ directory or inferred from the shapes unless `--model` names it). Images are dec
 prepared with the checkpoint's own eval transform (mean, std, crop_pct, interpolation from its
 `ats_jax.json`, else the variant's: DeiT's for deit_*, AugReg's for vit_*). `--save_tokens=DIR`
 writes DIR/<image>.png: the photo, then per ATS block the same photo with the patches that block
-dropped greyed.
+dropped greyed, each labelled above ('block 3: 97 kept': patches kept).
 
 Class names (`ats_jax/data/imagenet_classes.txt`, one per line in class order) are the WordNet
 lemmas of ImageNet-1k's classes as timm ships them (`timm/data/_info`, Apache-2.0; WordNet 3.0
