@@ -6,10 +6,13 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test test-fast lint
 
-$(VENV)/.runtime: requirements.txt
+# The requirements, then the package: editable (checkout edits take effect), so its commands and
+# `python -m convert` work from any directory.
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt

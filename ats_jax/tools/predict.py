@@ -1,4 +1,4 @@
-"""Classify image files with a checkpoint: top-5 ImageNet classes, kept tokens per block, GFLOPs.
+r"""Classify image files with a checkpoint: top-5 ImageNet classes, kept tokens per block, GFLOPs.
 
   python -m ats_jax.predict --checkpoint=ckpt/deit_s --ats_blocks=3,4,5,6,7,8,9,10,11 cat.jpg
   python -m ats_jax.predict --checkpoint=deit_small_patch16_224-cd65a155.pth \
@@ -9,7 +9,7 @@ directory or inferred from the shapes unless `--model` names it). Images are dec
 prepared with the checkpoint's own eval transform (mean, std, crop_pct, interpolation from its
 `ats_jax.json`, else the variant's: DeiT's for deit_*, AugReg's for vit_*). `--save_tokens=DIR`
 writes DIR/<image>.png: the photo, then per ATS block the same photo with the patches that block
-dropped greyed.
+dropped greyed, each labelled above ('block 3: 97 kept': patches kept).
 
 Class names (`ats_jax/data/imagenet_classes.txt`, one per line in class order) are the WordNet
 lemmas of ImageNet-1k's classes as timm ships them (`timm/data/_info`, Apache-2.0; WordNet 3.0
@@ -189,15 +189,26 @@ def main(argv: list[str]) -> None:
   runtime.log_cache_use(cache)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that help asked for (--help, --helpfull...) ends with status 0."""
+  try:
+    return FLAGS(argv)
+  except SystemExit as e:  # while parsing, only absl's help flags exit: status 1, as for an error
+    raise SystemExit(0 if e.code == 1 else e.code) from None
+  except flags.Error as e:
+    sys.exit(f'FATAL Flags parsing error: {e}\nPass --help or --helpfull to see help on flags.')
+
+
 def run() -> None:
   """The console entry point (`ats-jax-predict`, `python -m ats_jax.predict`): flags defined here,
   so importing the module defines none."""
   define_flags()
-  flags.adopt_module_key_flags(sys.modules[__name__])  # --help lists them
-  entry = sys.modules['__main__']
-  if not entry.__doc__:  # absl's --help prints __main__'s docstring: a console script has none
-    entry.__doc__ = __doc__
-  app.run(main)
+  # --help lists the key flags of the module named sys.argv[0] (the script, or the shim's path)
+  for flag in FLAGS.get_key_flags_for_module(__name__):
+    FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  # absl's --help prints __main__'s docstring: a console script has none, the shim's names a path
+  sys.modules['__main__'].__doc__ = __doc__
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -5,12 +5,13 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from ats_jax.models import vit
+from ats_jax.models import enable, vit
 
 DROPPED_GREY = 0.5  # dropped patches are blended towards this grey
 DROPPED_ALPHA = 0.75
+LABEL_BAND = 16  # pixels above the panels for their labels (PIL's default font: 10 px)
 
 
 def patch_keep_map(ids: np.ndarray, prefix: int, grid: int) -> np.ndarray:
@@ -27,18 +28,34 @@ def grey_dropped(image: np.ndarray, keep: np.ndarray, patch: int) -> np.ndarray:
   return np.where(keep, image, grey)
 
 
+def block_label(block: int, keep: np.ndarray) -> str:
+  """A block panel's label: the block's index and its kept patches (`keep`: patch_keep_map's)."""
+  return f'block {block}: {int(keep.sum())} kept'
+
+
+def label_band(text: str, width: int) -> Image.Image:
+  """`text` in black on white, LABEL_BAND high and cut at `width`."""
+  band = Image.new('RGB', (width, LABEL_BAND), 'white')
+  ImageDraw.Draw(band).text((2, 2), text, fill='black', font=ImageFont.load_default())
+  return band
+
+
 def token_strip(
   image: np.ndarray, kept_ids: list[np.ndarray], model: vit.VisionTransformer, gap: int = 4
 ) -> Image.Image:
   """One picture: the input [S, S, 3] in [0, 1], then per ATS block the same image with its
-  dropped patches greyed (`kept_ids`: that image's kept token ids per ATS block), side by side."""
+  dropped patches greyed (`kept_ids`: that image's kept token ids per ATS block), side by side,
+  each under its label ('input', 'block 3: 97 kept') in a band above the images."""
   grid, patch = model.img_size // model.spec.patch_size, model.spec.patch_size
-  panels = [image] + [
-    grey_dropped(image, patch_keep_map(ids, model.num_prefix_tokens, grid), patch)
-    for ids in kept_ids
-  ]
+  keeps = [patch_keep_map(ids, model.num_prefix_tokens, grid) for ids in kept_ids]
+  panels = [image] + [grey_dropped(image, keep, patch) for keep in keeps]
+  blocks = enable.ats_blocks(model)
+  labels = ['input'] + [block_label(b, keep) for b, keep in zip(blocks, keeps, strict=True)]
   size = image.shape[0]
-  strip = np.ones((size, len(panels) * (size + gap) - gap, 3), np.float32)
+  strip = np.ones((LABEL_BAND + size, len(panels) * (size + gap) - gap, 3), np.float32)
   for i, panel in enumerate(panels):
-    strip[:, i * (size + gap) : i * (size + gap) + size] = panel
-  return Image.fromarray(np.round(strip * 255).astype(np.uint8))
+    strip[LABEL_BAND:, i * (size + gap) : i * (size + gap) + size] = panel
+  picture = Image.fromarray(np.round(strip * 255).astype(np.uint8))
+  for i, label in enumerate(labels):
+    picture.paste(label_band(label, size), (i * (size + gap), 0))
+  return picture
