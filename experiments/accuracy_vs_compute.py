@@ -110,9 +110,8 @@ def evaluate_settings(
       )
     )
     graphdef = nnx.split(abstract)[0]
-    result = train.evaluate(
-      config, graphdef, params, mesh, image_size, blocks, info.num_eval_examples
-    )
+    name = 'dense' if not blocks else f'ATS {len(blocks)} blocks'
+    result = train.evaluate(config, graphdef, params, mesh, image_size, blocks, info.labels, name)
     rows.append({'setting': label(setting), 'ats_blocks': list(blocks), 'num_tokens': list(caps)})
     rows[-1].update(result)
   return rows

@@ -59,7 +59,7 @@ def trained_model(
     abstract = nnx.eval_shape(lambda: train.build_model(config, num_classes, **overrides))
     graphdef, params = nnx.split(abstract)
     try:
-      params = train.restore_params(config, workdir, params)
+      params = train.restore_params(config, train.open_run(config, workdir), params)
     except CheckpointError as e:
       raise CheckpointError(
         f'{e}; train one first (`make demo` trains {DEFAULT_WORKDIR}), or pass --checkpoint'

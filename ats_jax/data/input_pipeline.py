@@ -75,8 +75,12 @@ class DatasetInfo:
   num_eval_examples: int
 
   @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
   def labels(self) -> Labels:
-    return Labels(len(self.class_names), self.class_names)
+    return Labels(self.num_classes, self.class_names)
 
 
 @dataclasses.dataclass(frozen=True)

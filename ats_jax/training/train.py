@@ -243,9 +243,10 @@ def budget_results(runner: budgets.BudgetRunner) -> dict[str, Any]:
   """What a budgeted run reports beside its metrics: the final budgets, their use, the re-runs."""
   if not runner.active:
     return {}
+  use = runner.use()
   return {
     'budgets': list(runner.budgets),
-    'budget_use': round(runner.use(), 4),
+    'budget_use': None if math.isnan(use) else round(use, 4),  # None: no budgeted block
     'reruns': runner.reruns,
   }
 
