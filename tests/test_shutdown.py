@@ -110,15 +110,22 @@ SHORT = [
 ]
 
 
-def test_digits_training_exits_within_5s_of_its_last_evaluation(tmp_path):
+# The bound on a process's end after its last line. The hangs this file guards against took 20 s to
+# forever; a clean exit takes 3.3-3.9 s alone on the 2-core AVX2 machine (about 2.8 s of it the
+# interpreter's and the native libraries' teardown after atexit) and up to 5.4 s beside another
+# pytest-xdist worker, so 5 s failed there without a defect.
+EXIT_SECONDS = 10
+
+
+def test_digits_training_exits_soon_after_its_last_evaluation(tmp_path):
   seconds, output = run_timed(
     [*SHORT, f'--workdir={tmp_path}', '--config.num_steps=30'], until='eval_dense/top1'
   )
   assert '| dense |' in output
-  assert seconds < 5, output[-2000:]
+  assert seconds < EXIT_SECONDS, output[-2000:]
 
 
-def test_sigterm_saves_and_exits_within_5s(tmp_path):
+def test_sigterm_saves_and_exits_soon(tmp_path):
   seconds, output = run_timed(
     [*SHORT, f'--workdir={tmp_path}', '--config.num_steps=100000'],
     until='after SIGTERM',
@@ -126,7 +133,7 @@ def test_sigterm_saves_and_exits_within_5s(tmp_path):
     returncode=checkpointing.EXIT_SAVED,
   )
   assert 'rerun the same command to resume' in output
-  assert seconds < 5, output[-2000:]
+  assert seconds < EXIT_SECONDS, output[-2000:]
 
 
 def test_ctrl_c_saves_exits_without_a_traceback_and_the_rerun_resumes(tmp_path):
@@ -160,5 +167,5 @@ def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path):
   )
   assert output.rstrip().endswith('A second Ctrl-C: stopped at once, without saving.'), output
   assert 'Traceback' not in output
-  assert seconds < 5  # mid-compile: the process does not wait for the first step
+  assert seconds < EXIT_SECONDS  # mid-compile: the process does not wait for the first step
   assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))

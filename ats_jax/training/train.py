@@ -300,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_batch_sizes(config)
   mesh = sharding.make_mesh()
   info = input_pipeline.dataset_info(config.data)
-  model = build_model(config, info.labels.num_classes)
+  model = build_model(config, info.num_classes)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   resume = ckpt.latest_step() is not None  # a finished run only evaluates again
   if resume:
@@ -337,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       tx=tx,
       schedule=schedule,
       config=config,
-      num_classes=info.labels.num_classes,
+      num_classes=info.num_classes,
     )
     return jax.jit(
       step,
