@@ -80,7 +80,7 @@ class DatasetInfo:
 
   @property
   def labels(self) -> Labels:
-    return Labels(self.num_classes, self.class_names)
+    return Labels.named(self.class_names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +191,7 @@ def eval_batches(
     raise InputError(f'{split.description} has no examples')
 
   data = eval_data_config(config)
-  labels = labels or Labels(len(split.class_names), split.class_names)
+  labels = labels or Labels.named(split.class_names)
   outputs = tf.constant(labels.index_of(split.class_names, split.description))  # [classes]
 
   def prepare(record: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -23,10 +23,19 @@ IMAGENET_CLASSES = 1000
 
 
 @functools.cache
+def _lines(name: str) -> tuple[str, ...]:
+  """A file shipped in ats_jax/data, one entry per line."""
+  return tuple(importlib.resources.files('ats_jax').joinpath('data', name).read_text().splitlines())
+
+
 def imagenet_wnids() -> tuple[str, ...]:
   """ImageNet-1k's WordNet ids (n01440764, ...) in class order."""
-  text = importlib.resources.files('ats_jax').joinpath('data/imagenet_wnids.txt').read_text()
-  return tuple(text.split())
+  return _lines('imagenet_wnids.txt')
+
+
+def imagenet_classes() -> tuple[str, ...]:
+  """ImageNet-1k's class names (WordNet lemmas, 'tench, Tinca tinca', ...) in class order."""
+  return _lines('imagenet_classes.txt')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +44,11 @@ class Labels:
 
   num_classes: int
   names: tuple[str, ...] | None = None  # output i's class name; None: unnamed
+
+  @classmethod
+  def named(cls, names: Sequence[str]) -> Labels:
+    """The label space whose outputs are `names`, in order."""
+    return cls(len(names), tuple(names))
 
   def __post_init__(self):
     if self.names is not None and len(self.names) != self.num_classes:

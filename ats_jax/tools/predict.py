@@ -19,8 +19,6 @@ license).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.resources
 import json
 import os
 import pathlib
@@ -36,6 +34,7 @@ from ats_jax import backend
 from ats_jax.convert import pretrained
 from ats_jax.convert.timm import infer_model_name
 from ats_jax.data import images
+from ats_jax.data.labels import imagenet_classes
 from ats_jax.models import CheckpointError, VisionTransformer, create_model, enable
 from ats_jax.tools import token_pictures
 from ats_jax.training import runtime
@@ -49,13 +48,6 @@ class Prediction:
   top: list[tuple[str, float]]  # (class name, probability), most likely first
   kept_tokens: list[int]  # per block, tokens entering its MLP (prefix tokens included)
   gflops: float
-
-
-@functools.cache
-def imagenet_classes() -> tuple[str, ...]:
-  """The 1,000 ImageNet class names in class order."""
-  text = importlib.resources.files('ats_jax').joinpath('data/imagenet_classes.txt').read_text()
-  return tuple(text.splitlines())
 
 
 def class_names(num_classes: int) -> tuple[str, ...]:

@@ -486,8 +486,7 @@ def run_labels(ckpt: checkpointing.Checkpointer, workdir: str) -> Labels:
   """A training run's label space: its classes file; for a run without one, the head's size."""
   path = epath.Path(workdir) / CLASSES_FILE
   if path.exists():
-    names = tuple(path.read_text().splitlines())
-    return Labels(len(names), names)
+    return Labels.named(path.read_text().splitlines())
   return Labels(ckpt.shape('params.head.bias')[0])
 
 
